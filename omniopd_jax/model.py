@@ -1,0 +1,309 @@
+"""The student/teacher model family in Flax NNX: Llama (SmolLM2, Llama-3 RoPE), Qwen2/2.5, Qwen3.
+
+One decoder covers all three: they differ only in q/k/v/o biases, per-head q/k RMSNorm and the RoPE
+variant. Parameters carry logical axis names (`logical_axes` metadata) that `sharding.py` maps onto
+the mesh; nothing here knows mesh axis names.
+"""
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+ROPE_TYPES = ("default", "linear", "llama3")
+ARCHITECTURES = ("llama", "qwen2", "qwen3")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Architecture hyper-parameters, named as transformers names them where possible."""
+
+  vocab_size: int
+  hidden_size: int
+  intermediate_size: int
+  num_hidden_layers: int
+  num_attention_heads: int
+  num_key_value_heads: int
+  head_dim: int | None = None  # None: hidden_size // num_attention_heads
+  architecture: str = "llama"  # llama | qwen2 | qwen3
+  rms_norm_eps: float = 1e-6
+  rope_theta: float = 10000.0
+  rope_type: str = "default"  # default | linear | llama3
+  rope_factor: float = 1.0
+  rope_low_freq_factor: float = 1.0  # llama3 only
+  rope_high_freq_factor: float = 4.0  # llama3 only
+  rope_original_max_position_embeddings: int = 8192  # llama3 only
+  max_position_embeddings: int = 2048
+  qkv_bias: bool = False  # Qwen2 always, Llama/Qwen3 when attention_bias
+  o_bias: bool = False  # Llama/Qwen3 when attention_bias
+  mlp_bias: bool = False
+  qk_norm: bool = False  # Qwen3: RMSNorm over head_dim on q and k before RoPE
+  tie_word_embeddings: bool = False
+
+  def __post_init__(self):
+    if self.architecture not in ARCHITECTURES:
+      raise ValueError(f"architecture={self.architecture!r}: supported are {ARCHITECTURES}")
+    if self.rope_type not in ROPE_TYPES:
+      raise ValueError(f"rope_type={self.rope_type!r}: supported are {ROPE_TYPES}")
+    if self.num_attention_heads % self.num_key_value_heads:
+      raise ValueError(
+        f"num_attention_heads={self.num_attention_heads} is not a multiple of "
+        f"num_key_value_heads={self.num_key_value_heads}"
+      )
+
+  @property
+  def dim_per_head(self) -> int:
+    return self.head_dim or self.hidden_size // self.num_attention_heads
+
+  def num_params(self) -> int:
+    e, f, d = self.hidden_size, self.intermediate_size, self.dim_per_head
+    h, kv = self.num_attention_heads, self.num_key_value_heads
+    attn = e * d * (2 * h + 2 * kv) + self.qkv_bias * d * (h + 2 * kv) + self.o_bias * e
+    layer = attn + 3 * e * f + self.mlp_bias * (2 * f + e) + 2 * e + self.qk_norm * 2 * d
+    head = 0 if self.tie_word_embeddings else e * self.vocab_size
+    return self.vocab_size * e + self.num_hidden_layers * layer + e + head
+
+
+def _param(rngs, init, shape, axes, dtype):
+  return nnx.Param(init(rngs.params(), shape, dtype), logical_axes=axes)
+
+
+class Dense(nnx.Module):
+  """y = x . W (+ b) over the trailing `len(in_shape)` axes; W has logical axes `axes`."""
+
+  def __init__(self, in_shape, out_shape, axes, *, use_bias, param_dtype, dtype, rngs, std=0.02):
+    self.in_shape, self.out_shape, self.dtype = tuple(in_shape), tuple(out_shape), dtype
+    init = nnx.initializers.normal(std)
+    self.kernel = _param(rngs, init, self.in_shape + self.out_shape, axes, param_dtype)
+    bias_axes = axes[len(self.in_shape) :]
+    zeros = nnx.initializers.zeros
+    self.bias = _param(rngs, zeros, self.out_shape, bias_axes, param_dtype) if use_bias else None
+
+  def __call__(self, x):
+    n_in = len(self.in_shape)
+    y = jax.lax.dot_general(
+      x.astype(self.dtype),
+      self.kernel[...].astype(self.dtype),
+      (((tuple(range(x.ndim - n_in, x.ndim))), tuple(range(n_in))), ((), ())),
+    )
+    if self.bias is not None:
+      y = y + self.bias[...].astype(self.dtype)
+    return y
+
+
+class RMSNorm(nnx.Module):
+  """transformers' RMSNorm: normalise in float32, cast back, then scale (order matters in bf16)."""
+
+  def __init__(self, dim, eps, *, param_dtype, axes=("norm",)):
+    self.eps = eps
+    self.weight = nnx.Param(jnp.ones((dim,), param_dtype), logical_axes=axes)
+
+  def __call__(self, x):
+    dtype = x.dtype
+    x32 = x.astype(jnp.float32)
+    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    return self.weight[...].astype(dtype) * x32.astype(dtype)
+
+
+def rope_inv_freq(cfg: ModelConfig) -> jax.Array:
+  """Inverse RoPE frequencies [D/2] for the configured rope type (float32)."""
+  d = cfg.dim_per_head
+  inv = 1.0 / (cfg.rope_theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d))
+  if cfg.rope_type == "linear":
+    inv = inv / cfg.rope_factor
+  elif cfg.rope_type == "llama3":
+    old_len = cfg.rope_original_max_position_embeddings
+    low_wavelen = old_len / cfg.rope_low_freq_factor
+    high_wavelen = old_len / cfg.rope_high_freq_factor
+    wavelen = 2 * math.pi / inv
+    scaled = jnp.where(wavelen > low_wavelen, inv / cfg.rope_factor, inv)
+    smooth = (old_len / wavelen - cfg.rope_low_freq_factor) / (
+      cfg.rope_high_freq_factor - cfg.rope_low_freq_factor
+    )
+    smoothed = (1 - smooth) * scaled / cfg.rope_factor + smooth * scaled
+    medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    inv = jnp.where(medium, smoothed, scaled)
+  return inv
+
+
+def apply_rope(x, positions, inv_freq):
+  """Rotate-half RoPE as transformers applies it. x: [B, T, H, D], positions: [B, T]."""
+  freqs = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, D/2]
+  emb = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]  # [B, T, 1, D]
+  cos, sin = jnp.cos(emb).astype(x.dtype), jnp.sin(emb).astype(x.dtype)
+  half = x.shape[-1] // 2
+  rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+  return x * cos + rotated * sin
+
+
+class Attention(nnx.Module):
+  """Grouped-query attention with optional q/k/v/o biases, q/k RMSNorm and a KV cache."""
+
+  def __init__(self, cfg: ModelConfig, *, dtype, param_dtype, rngs):
+    e, d = cfg.hidden_size, cfg.dim_per_head
+    h, kv = cfg.num_attention_heads, cfg.num_key_value_heads
+    kw = dict(param_dtype=param_dtype, dtype=dtype, rngs=rngs)
+    self.q_proj = Dense((e,), (h, d), ("embed", "heads", "head_dim"), use_bias=cfg.qkv_bias, **kw)
+    self.k_proj = Dense(
+      (e,), (kv, d), ("embed", "kv_heads", "head_dim"), use_bias=cfg.qkv_bias, **kw
+    )
+    self.v_proj = Dense(
+      (e,), (kv, d), ("embed", "kv_heads", "head_dim"), use_bias=cfg.qkv_bias, **kw
+    )
+    self.o_proj = Dense((h, d), (e,), ("heads", "head_dim", "embed"), use_bias=cfg.o_bias, **kw)
+    norm = lambda: RMSNorm(d, cfg.rms_norm_eps, param_dtype=param_dtype, axes=("head_dim",))
+    self.q_norm = norm() if cfg.qk_norm else None
+    self.k_norm = norm() if cfg.qk_norm else None
+    self.groups = h // kv
+    self.scale = d**-0.5
+
+  def __call__(self, x, positions, inv_freq, mask, cache=None, cache_index=None):
+    """x: [B, T, E]; mask: [B, T, S] bool over the key slots; cache: (k, v) [B, S, KV, D] or None."""
+    q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)  # [B, T, H|KV, D]
+    if self.q_norm is not None:
+      q, k = self.q_norm(q), self.k_norm(k)
+    q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
+    if cache is not None:
+      k_cache = jax.lax.dynamic_update_slice_in_dim(
+        cache[0], k.astype(cache[0].dtype), cache_index, 1
+      )
+      v_cache = jax.lax.dynamic_update_slice_in_dim(
+        cache[1], v.astype(cache[1].dtype), cache_index, 1
+      )
+      cache = (k_cache, v_cache)
+      k, v = k_cache.astype(x.dtype), v_cache.astype(x.dtype)
+    b, t, h, d = q.shape
+    q = q.reshape(b, t, h // self.groups, self.groups, d)  # [B, T, KV, G, D]
+    scores = jnp.einsum("btkgd,bskd->bkgts", q, k).astype(jnp.float32) * self.scale
+    # A large finite negative (not -inf) keeps fully masked rows (padding queries) NaN-free.
+    scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(x.dtype)  # softmax in float32, as transformers
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, h, d)
+    return self.o_proj(out), cache
+
+
+class MLP(nnx.Module):
+  """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+  def __init__(self, cfg: ModelConfig, *, dtype, param_dtype, rngs):
+    e, f = cfg.hidden_size, cfg.intermediate_size
+    kw = dict(use_bias=cfg.mlp_bias, param_dtype=param_dtype, dtype=dtype, rngs=rngs)
+    self.gate_proj = Dense((e,), (f,), ("embed", "mlp"), **kw)
+    self.up_proj = Dense((e,), (f,), ("embed", "mlp"), **kw)
+    self.down_proj = Dense((f,), (e,), ("mlp", "embed"), **kw)
+
+  def __call__(self, x):
+    return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nnx.Module):
+  def __init__(self, cfg: ModelConfig, *, dtype, param_dtype, rngs):
+    self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=param_dtype)
+    self.self_attn = Attention(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.post_attention_layernorm = RMSNorm(
+      cfg.hidden_size, cfg.rms_norm_eps, param_dtype=param_dtype
+    )
+    self.mlp = MLP(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+  def __call__(self, x, positions, inv_freq, mask, cache=None, cache_index=None):
+    h, cache = self.self_attn(
+      self.input_layernorm(x), positions, inv_freq, mask, cache, cache_index
+    )
+    x = x + h
+    return x + self.mlp(self.post_attention_layernorm(x)), cache
+
+
+class CausalLM(nnx.Module):
+  """Decoder-only LM. `model(input_ids, attention_mask=...)` returns float32 logits [B, T, V].
+
+  Padding is exact: with an `attention_mask`, positions default to `cumsum(mask) - 1`, so a left-
+  or right-padded row gives the logits of the same row unpadded (at its real tokens).
+  """
+
+  def __init__(self, cfg: ModelConfig, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs=None):
+    rngs = rngs if rngs is not None else nnx.Rngs(0)
+    self.config, self.dtype = cfg, jnp.dtype(dtype)
+    embed_init = nnx.initializers.normal(0.02)
+    self.embed_tokens = _param(
+      rngs, embed_init, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), param_dtype
+    )
+    self.layers = nnx.List(
+      [
+        DecoderLayer(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        for _ in range(cfg.num_hidden_layers)
+      ]
+    )
+    self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=param_dtype)
+    head_shape = (cfg.hidden_size, cfg.vocab_size)
+    self.lm_head = (
+      None
+      if cfg.tie_word_embeddings
+      else _param(rngs, embed_init, head_shape, ("embed", "vocab"), param_dtype)
+    )
+
+  def init_cache(
+    self, batch_size: int, max_len: int, dtype=None
+  ) -> list[tuple[jax.Array, jax.Array]]:
+    """An empty KV cache: per layer (k, v) of shape [B, S, KV, D]."""
+    cfg = self.config
+    shape = (batch_size, max_len, cfg.num_key_value_heads, cfg.dim_per_head)
+    dtype = dtype or self.dtype
+    return [(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in self.layers]
+
+  def hidden_states(
+    self, input_ids, attention_mask=None, positions=None, *, cache=None, cache_index=None
+  ):
+    """Final-norm hidden states [B, T, E] (and the updated cache when one is given).
+
+    Without a cache, `attention_mask` is [B, T] over the input tokens. With a cache of S slots, the
+    inputs are written at slots `cache_index .. cache_index + T - 1`, and `attention_mask` is
+    [B, S] over the cache slots (True for slots holding real tokens, including the new ones).
+    """
+    b, t = input_ids.shape
+    if attention_mask is None:
+      attention_mask = jnp.ones((b, t) if cache is None else (b, cache[0][0].shape[1]), bool)
+    attention_mask = attention_mask.astype(bool)
+    if cache is None:
+      q_slots = jnp.arange(t)
+      if positions is None:
+        positions = jnp.maximum(jnp.cumsum(attention_mask, axis=-1) - 1, 0)
+    else:
+      if cache_index is None or positions is None:
+        raise ValueError("a KV-cache call needs both `cache_index` and `positions`")
+      q_slots = cache_index + jnp.arange(t)
+    k_slots = jnp.arange(attention_mask.shape[-1])
+    causal = k_slots[None, :] <= q_slots[:, None]  # [T, S]
+    mask = causal[None] & attention_mask[:, None, :]  # [B, T, S]
+    inv_freq = rope_inv_freq(self.config)
+    x = jnp.take(self.embed_tokens[...], input_ids, axis=0).astype(self.dtype)
+    new_cache = []
+    for i, layer in enumerate(self.layers):
+      x, layer_cache = layer(
+        x, positions, inv_freq, mask, None if cache is None else cache[i], cache_index
+      )
+      new_cache.append(layer_cache)
+    x = self.norm(x)
+    return x if cache is None else (x, new_cache)
+
+  def logits(self, hidden):
+    """LM-head logits in float32 (log-probs, entropies and KLs are taken in float32)."""
+    w = self.embed_tokens[...].T if self.lm_head is None else self.lm_head[...]
+    return jnp.dot(hidden.astype(self.dtype), w.astype(self.dtype)).astype(jnp.float32)
+
+  def __call__(
+    self, input_ids, attention_mask=None, positions=None, *, cache=None, cache_index=None
+  ):
+    out = self.hidden_states(
+      input_ids, attention_mask, positions, cache=cache, cache_index=cache_index
+    )
+    if cache is None:
+      return self.logits(out)
+    return self.logits(out[0]), out[1]
+
+
+def abstract_model(cfg: ModelConfig, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32):
+  """The model with ShapeDtypeStruct parameters: no memory is allocated."""
+  return nnx.eval_shape(lambda: CausalLM(cfg, dtype=dtype, param_dtype=param_dtype))
