@@ -1,0 +1,144 @@
+"""Token entropy and fork selection (device side, jittable): where the teacher is asked to audit.
+
+A fork is the start t of a chunk of C student tokens y_t..y_{t+C-1}; the teacher continues the
+response from just before y_t. Positions index the generated tokens (0 = first generated token).
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+METHODS = ("peak", "random")
+
+
+def token_entropy(logits: jax.Array) -> jax.Array:
+  """Full-vocabulary entropy H = logsumexp(z) - sum_v softmax(z)_v * z_v, in float32.
+
+  Float32 because bf16 logits lose the small probabilities that make up most of the entropy.
+  z is shifted by its max first: with unshifted logits near 1e4, the float32 rounding of
+  logsumexp alone moves sum softmax(z) * z by whole nats. Entries at -inf (masked or padded
+  vocabulary) contribute 0.
+
+  Args:
+    logits: [..., V] any float dtype, temperature-1 logits.
+
+  Returns:
+    [...] float32 entropy in nats.
+  """
+  z = logits.astype(jnp.float32)  # [..., V]
+  z = z - jax.lax.stop_gradient(z.max(axis=-1, keepdims=True))
+  lse = jax.nn.logsumexp(z, axis=-1, keepdims=True)  # [..., 1]
+  p = jnp.exp(z - lse)  # [..., V]
+  pz = jnp.where(p > 0, p * z, 0.0)  # 0 * -inf would be NaN
+  return lse[..., 0] - pz.sum(axis=-1)
+
+
+def _greedy_non_overlapping(keys, eligible, num_forks, chunk_len):
+  """Repeatedly take the highest-key eligible position (ties: the later one) and block +-C.
+
+  Args:
+    keys: [B, L] float32 priorities (no NaN).
+    eligible: [B, L] bool positions where a chunk may start.
+    num_forks: M, static.
+    chunk_len: C, static.
+
+  Returns:
+    starts [B, M] int32 (0 in unfilled slots), valid [B, M] bool.
+  """
+  pos = jnp.arange(keys.shape[1], dtype=jnp.int32)  # [L]
+
+  def pick(available, _):
+    best = jnp.max(jnp.where(available, keys, -jnp.inf), axis=1, keepdims=True)  # [B, 1]
+    is_best = available & (keys == best)  # [B, L]; keys == -inf ties are handled too
+    start = jnp.max(jnp.where(is_best, pos, -1), axis=1)  # [B]; -1 when nothing is available
+    found = start >= 0  # [B]
+    start = jnp.maximum(start, 0)
+    # Later chunks must satisfy |t - start| >= C; rows with nothing found stay as they are.
+    overlaps = jnp.abs(pos[None, :] - start[:, None]) < chunk_len  # [B, L]
+    available = available & ~(overlaps & found[:, None])
+    return available, (start, found)
+
+  _, (starts, valid) = jax.lax.scan(pick, eligible, None, length=num_forks)  # [M, B] each
+  return starts.T.astype(jnp.int32), valid.T
+
+
+@functools.partial(jax.jit, static_argnames=("num_forks", "chunk_len", "method"))
+def select_forks(
+  entropy: jax.Array,
+  mask: jax.Array,
+  *,
+  num_forks: int,
+  chunk_len: int,
+  method: str = "peak",
+  rng: jax.Array | None = None,
+) -> tuple[jax.Array, jax.Array]:
+  """Chooses up to M non-overlapping chunk starts per row (the peak-entropy scheduler).
+
+  A chunk starting at t must fit inside the row: t + C <= T_row, T_row = mask.sum(). Chosen
+  chunks never overlap (|t - u| >= C). "peak": greedy by descending entropy, ties to the later
+  position (NaN entropy counts as -inf). "random": the same greedy procedure on i.i.d. uniform
+  keys, i.e. each slot is a uniformly random start among those still free (the ablation).
+  Fewer than M may fit; the remaining slots have valid=False and start 0, never a low-entropy pad.
+  Slots are filled in selection order (slot 0 = highest entropy for "peak").
+
+  Args:
+    entropy: [B, L] float, entropy of each generated token's distribution.
+    mask: [B, L] bool, True for generated tokens up to and including EOS (a prefix of the row).
+    num_forks: M, static.
+    chunk_len: C >= 1, static.
+    method: "peak" or "random", static.
+    rng: PRNG key, required for "random".
+
+  Returns:
+    starts [B, M] int32 and valid [B, M] bool.
+  """
+  if method not in METHODS:
+    raise ValueError(f"select_forks: method must be one of {METHODS}, got {method!r}.")
+  if num_forks < 1 or chunk_len < 1:
+    raise ValueError(
+      f"select_forks: need num_forks >= 1, chunk_len >= 1; got {num_forks}, {chunk_len}."
+    )
+  if entropy.ndim != 2 or entropy.shape != mask.shape:
+    raise ValueError(
+      f"select_forks: entropy and mask must both be [B, L]; got {entropy.shape}, {mask.shape}."
+    )
+  row_len = mask.astype(jnp.int32).sum(axis=1, keepdims=True)  # [B, 1]
+  pos = jnp.arange(entropy.shape[1], dtype=jnp.int32)[None, :]  # [1, L]
+  eligible = pos + chunk_len <= row_len  # [B, L]
+  if method == "peak":
+    keys = entropy.astype(jnp.float32)
+    keys = jnp.where(jnp.isnan(keys), -jnp.inf, keys)  # [B, L]
+  else:
+    if rng is None:
+      raise ValueError("select_forks: method='random' needs rng=jax.random.key(...).")
+    keys = jax.random.uniform(rng, entropy.shape, jnp.float32)  # [B, L]
+  return _greedy_non_overlapping(keys, eligible, num_forks, chunk_len)
+
+
+def fork_metrics(entropy: jax.Array, mask: jax.Array, starts: jax.Array, valid: jax.Array) -> dict:
+  """Fork diagnostics as scalar float32 arrays (jittable; call float() on the host).
+
+  Args:
+    entropy: [B, L], mask: [B, L] bool (as for select_forks).
+    starts, valid: [B, M] from select_forks.
+
+  Returns:
+    forks/entropy_mean: mean entropy over generated tokens; forks/entropy_at_forks: mean entropy
+    at the chosen starts (NaN-free: 0 when there is none); forks/num_forks_mean: valid forks per
+    row; forks/rows_without_forks: fraction of rows that got no fork.
+  """
+  entropy = entropy.astype(jnp.float32)
+  maskf = mask.astype(jnp.float32)  # [B, L]
+  validf = valid.astype(jnp.float32)  # [B, M]
+  at_forks = jnp.take_along_axis(entropy, starts, axis=1)  # [B, M]
+  num_valid = validf.sum(axis=1)  # [B]
+  # where, not multiply: padded positions may hold garbage (NaN) entropies.
+  ent_sum = jnp.where(mask, entropy, 0.0).sum()
+  fork_sum = jnp.where(valid, at_forks, 0.0).sum()
+  return {
+    "forks/entropy_mean": ent_sum / jnp.maximum(maskf.sum(), 1.0),
+    "forks/entropy_at_forks": fork_sum / jnp.maximum(validf.sum(), 1.0),
+    "forks/num_forks_mean": num_valid.mean(),
+    "forks/rows_without_forks": (num_valid == 0).astype(jnp.float32).mean(),
+  }
