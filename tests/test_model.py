@@ -1,0 +1,72 @@
+"""The Flax model family on its own: KV-cache consistency, parameter counts, config checks."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from omniopd_jax import model as model_lib
+
+TINY = dict(
+  vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+  num_attention_heads=4, num_key_value_heads=2,
+)  # fmt: skip
+
+
+@pytest.mark.parametrize("architecture,extra", [("llama", {}), ("qwen2", {"qkv_bias": True}),
+                                                ("qwen3", {"qk_norm": True, "head_dim": 16})])  # fmt: skip
+def test_kv_cache_decode_equals_full_forward(architecture, extra):
+  cfg = model_lib.ModelConfig(architecture=architecture, **TINY, **extra)
+  model = model_lib.CausalLM(cfg, rngs=nnx.Rngs(1))
+  rng = np.random.RandomState(0)
+  ids = rng.randint(0, 64, size=(2, 9))
+  mask = np.ones((2, 9), bool)
+  mask[0, :3] = False  # row 0 is left-padded
+  full = np.asarray(model(jnp.asarray(ids), attention_mask=jnp.asarray(mask)))
+  positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0)
+
+  # Prefill 6 tokens into a 12-slot cache, then decode the remaining 3 one at a time.
+  cache = model.init_cache(2, 12)
+  slot_mask = np.zeros((2, 12), bool)
+  slot_mask[:, :6] = mask[:, :6]
+  logits, cache = model(
+    jnp.asarray(ids[:, :6]), jnp.asarray(slot_mask), jnp.asarray(positions[:, :6]),
+    cache=cache, cache_index=0,
+  )  # fmt: skip
+  np.testing.assert_allclose(np.asarray(logits)[mask[:, :6]], full[:, :6][mask[:, :6]], atol=1e-5)
+  for t in range(6, 9):
+    slot_mask[:, t] = True
+    logits, cache = model(
+      jnp.asarray(ids[:, t : t + 1]), jnp.asarray(slot_mask), jnp.asarray(positions[:, t : t + 1]),
+      cache=cache, cache_index=t,
+    )  # fmt: skip
+    np.testing.assert_allclose(np.asarray(logits)[:, 0], full[:, t], atol=1e-5)
+
+
+def test_num_params_matches_the_tree():
+  for extra in ({}, {"qkv_bias": True, "o_bias": True, "mlp_bias": True}, {"qk_norm": True},
+                {"tie_word_embeddings": True}):  # fmt: skip
+    cfg = model_lib.ModelConfig(**TINY, **extra)
+    abstract = model_lib.abstract_model(cfg)
+    counted = sum(x.size for x in jax.tree.leaves(nnx.state(abstract, nnx.Param)))
+    assert counted == cfg.num_params()
+
+
+def test_every_param_has_logical_axes_of_its_rank():
+  cfg = model_lib.ModelConfig(**TINY, qkv_bias=True, qk_norm=True)
+  state = nnx.state(model_lib.abstract_model(cfg), nnx.Param)
+  for path, v in nnx.to_flat_state(state):
+    axes = v.get_metadata().get("logical_axes")
+    assert axes is not None and len(axes) == len(v.shape), path
+
+
+def test_bad_configs_are_rejected_with_the_field_name():
+  with pytest.raises(ValueError, match="rope_type"):
+    model_lib.ModelConfig(**TINY, rope_type="yarn")
+  with pytest.raises(ValueError, match="num_key_value_heads"):
+    model_lib.ModelConfig(**{**TINY, "num_key_value_heads": 3})
+  with pytest.raises(ValueError, match="cache_index"):
+    cfg = model_lib.ModelConfig(**TINY)
+    m = model_lib.CausalLM(cfg)
+    m(jnp.zeros((1, 1), jnp.int32), cache=m.init_cache(1, 4))
