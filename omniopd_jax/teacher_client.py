@@ -1,0 +1,655 @@
+"""TeacherClient: an asyncio/aiohttp teacher client on a daemon thread for the synchronous train loop.
+
+Submit forks, collect futures. Bounded in-flight, rpm / input-tpm / output-tpm pacing, retries with
+full-jitter backoff (honouring Retry-After), a shared pause after 429 storms, a disk cache keyed by
+request and sample index, cost accounting with a budget cap, a start-up probe and per-step metrics.
+"""
+
+import asyncio
+import collections
+import concurrent.futures
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import random
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import aiohttp
+import numpy as np
+
+from omniopd_jax import teacher_backends as tb
+
+TeacherRequest = tb.TeacherRequest
+Sample = tb.Sample
+
+log = logging.getLogger(__name__)
+
+# Config fields from_config understands, with defaults (everything else is a typo: error).
+DEFAULTS: dict[str, Any] = {
+  "backend": "openai_completions",
+  "base_url": None,  # None: the backend's public endpoint (local servers: http://127.0.0.1:8000/v1)
+  "model": "teacher",
+  "api_key_env": None,  # NAME of the env var holding the key; None: no key (local servers)
+  "max_in_flight": 64,  # concurrent HTTP requests
+  "rpm": None,  # requests per minute; None: unpaced
+  "input_tpm": None,  # input tokens per minute (estimated up front, reconciled from usage)
+  "output_tpm": None,  # output tokens per minute (max_tokens x n reserved up front)
+  "max_retries": 6,  # retries per HTTP call after the first attempt
+  "timeout_s": 60.0,  # per attempt, connect to last byte
+  "cache_dir": None,  # disk cache of successful samples; None: off
+  "price_in_per_mtok": 0.0,  # USD per 1M input tokens
+  "price_out_per_mtok": 0.0,  # USD per 1M output tokens (Gemini thinking tokens count as output)
+  "budget_usd": None,  # stop sending once the next call could pass this; None: no cap
+  "allow_approximate": False,  # allow the approximate "instructed" chat mode
+  "temperature": 1.0,  # default for requests that leave it None
+  "max_tokens": 64,  # default for requests that leave it None
+  # Less common knobs.
+  "chat_mode": "auto",  # openai_chat: auto | continue_final_message | trailing_assistant | instructed
+  "samples_per_request": None,  # override the backend's samples per HTTP call
+  "prompts_per_request": None,  # override the backend's prompts per HTTP call
+  "extra_body": None,  # merged into every payload, e.g. {"add_special_tokens": False} for vLLM
+  "anthropic_version": "2023-06-01",
+  "thinking_budget": 0,  # gemini thinkingBudget; None: leave the model's default
+  "backoff_base_s": 0.5,  # full jitter: sleep U(0, min(cap, base * 2**attempt))
+  "backoff_cap_s": 30.0,
+  "max_retry_wait_s": 120.0,  # cap on a server's Retry-After
+  "storm_threshold": 8,  # this many 429/529 within storm_window_s pause all traffic
+  "storm_window_s": 2.0,
+  "storm_pause_s": 2.0,  # first pause; doubles per consecutive storm up to backoff_cap_s
+  "rate_burst_s": 10.0,  # token buckets hold this many seconds of rate
+}
+
+
+class TeacherError(RuntimeError):
+  """The teacher cannot be used as configured (auth, unknown model, unusable probe answer)."""
+
+
+class TeacherCapabilityError(TeacherError):
+  """The teacher refuses something the method needs (prefill, temperature) or an approximate
+  mode was found while the config does not allow it."""
+
+
+class TokenBucket:
+  """Leaky bucket of `per_minute` units, holding at most `burst_s` seconds of rate.
+
+  A single take larger than the capacity is allowed once the bucket is full (it leaves debt), so
+  one big prompt never deadlocks. `refund` reconciles an estimate with the reported usage.
+  """
+
+  def __init__(self, per_minute: float, burst_s: float = 10.0, clock=time.monotonic):
+    self.rate = float(per_minute) / 60.0
+    self.capacity = max(1.0, self.rate * burst_s)
+    self.level = self.capacity
+    self._clock = clock
+    self._t = clock()
+    self._lock: asyncio.Lock | None = None
+
+  def delay(self, amount: float) -> float:
+    """Seconds until `amount` can be taken (0: now)."""
+    now = self._clock()
+    self.level = min(self.capacity, self.level + (now - self._t) * self.rate)
+    self._t = now
+    need = min(amount, self.capacity)
+    return 0.0 if self.level >= need else (need - self.level) / self.rate
+
+  def take(self, amount: float) -> None:
+    self.level -= amount
+
+  def refund(self, amount: float) -> None:
+    self.level = min(self.capacity, self.level + amount)
+
+  async def acquire(self, amount: float) -> None:
+    self._lock = self._lock or asyncio.Lock()
+    async with self._lock:  # FIFO: a big request is not starved by small ones
+      while (wait := self.delay(amount)) > 0:
+        await asyncio.sleep(wait)
+      self.take(amount)
+
+
+class DiskCache:
+  """Successful samples as small JSON files, keyed by sha256(backend, model, mode, request,
+  sample index). The sample index is part of the key: two samples of one prefix never share an
+  entry, and a rerun of a step reads back the same N draws. Errors are never cached."""
+
+  def __init__(self, root: str, namespace: str):
+    self.root = root
+    self.namespace = namespace
+    self._dirs: set[str] = set()
+    os.makedirs(root, exist_ok=True)
+
+  def base(self, req: TeacherRequest) -> "hashlib._Hash":
+    ids = None if req.prefix_token_ids is None else list(req.prefix_token_ids)
+    fields = [self.namespace, req.prefix_text, ids, req.problem, req.system, req.max_tokens]
+    fields += [req.temperature, req.seed, list(req.stop)]
+    return hashlib.sha256(json.dumps(fields).encode())
+
+  def _path(self, base, index: int) -> str:
+    h = base.copy()
+    h.update(b"#%d" % index)
+    key = h.hexdigest()
+    return os.path.join(self.root, key[:2], key + ".json")
+
+  def get(self, base, index: int) -> Sample | None:
+    try:
+      with open(self._path(base, index), encoding="utf-8") as f:
+        d = json.load(f)
+    except (OSError, ValueError):
+      return None
+    ids = d.get("token_ids")
+    return Sample(d["text"], None, d.get("finish_reason"), None if ids is None else tuple(ids),
+                  d.get("tokens_in", 0), d.get("tokens_out", 0), d.get("mode", ""), True)  # fmt: skip
+
+  def put(self, base, index: int, s: Sample) -> None:
+    path = self._path(base, index)
+    folder = os.path.dirname(path)
+    if folder not in self._dirs:
+      os.makedirs(folder, exist_ok=True)
+      self._dirs.add(folder)
+    d = dataclasses.asdict(s)
+    d.pop("error"), d.pop("from_cache")
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+      json.dump(d, f)
+    os.replace(tmp, path)  # atomic: a crash never leaves half an entry
+
+
+class _Stats:
+  """Counters of one metrics interval (only the loop thread writes them)."""
+
+  def __init__(self):
+    self.requests = self.retries = self.n429 = self.overloaded = self.timeouts = 0
+    self.pauses = self.cache_hits = self.samples_ok = self.samples_failed = 0
+    self.tokens_in = self.tokens_out = 0
+    self.cost_usd = 0.0
+    self.latencies: list[float] = []
+
+
+@dataclasses.dataclass(slots=True, eq=False)
+class _Job:
+  request: TeacherRequest
+  future: concurrent.futures.Future
+  samples: list
+  remaining: int
+  cache_base: Any = None
+
+
+class TeacherClient:
+  """Asynchronous teacher client. Thread-safe `submit`; all network work runs on one daemon
+  thread's event loop. Every submitted request resolves to exactly `num_samples` Samples."""
+
+  def __init__(self, backend: tb.Backend, **options):
+    unknown = set(options) - set(DEFAULTS)
+    if unknown:
+      raise ValueError(
+        f"unknown TeacherClient options {sorted(unknown)}; known: {sorted(DEFAULTS)}"
+      )
+    o = {**DEFAULTS, **options}
+    self.backend = backend
+    self.allow_approximate = bool(o["allow_approximate"])
+    self._check_mode()
+    self.temperature, self.max_tokens = float(o["temperature"]), int(o["max_tokens"])
+    self.max_in_flight, self.max_retries = int(o["max_in_flight"]), int(o["max_retries"])
+    self.timeout_s = float(o["timeout_s"])
+    self.price_in, self.price_out = o["price_in_per_mtok"] / 1e6, o["price_out_per_mtok"] / 1e6
+    self.budget_usd = None if o["budget_usd"] is None else float(o["budget_usd"])
+    self._o = o
+    self._rates = {
+      k: TokenBucket(o[k], o["rate_burst_s"]) if o[k] else None
+      for k in ("rpm", "input_tpm", "output_tpm")
+    }
+    self._cache = None
+    if o["cache_dir"]:
+      self._cache = DiskCache(o["cache_dir"], f"{backend.name}|{backend.model}|{backend.mode}")
+    self._rng = random.Random()
+    self._stats = _Stats()
+    self._totals = {"cost_usd": 0.0, "tokens_in": 0, "tokens_out": 0, "requests": 0, "samples": 0}
+    self._reserved_usd = 0.0
+    self._halt: str | None = None
+    self._gate_until = 0.0
+    self._recent_429: collections.deque = collections.deque()
+    self._storms = 0
+    self._pending: set[_Job] = set()
+    self._tasks: set[asyncio.Task] = set()
+    self._closed = False
+    self._loop = asyncio.new_event_loop()
+    self._thread = threading.Thread(
+      target=self._loop.run_forever, name="teacher-client", daemon=True
+    )
+    self._thread.start()
+    self._call(self._open())
+
+  @classmethod
+  def from_config(cls, cfg: Mapping[str, Any]) -> "TeacherClient":
+    """Builds a client from a teacher ConfigDict/dict (fields: see DEFAULTS)."""
+    cfg = dict(cfg.to_dict() if hasattr(cfg, "to_dict") else cfg)
+    unknown = set(cfg) - set(DEFAULTS)
+    if unknown:
+      raise ValueError(
+        f"unknown teacher config fields {sorted(unknown)}; known: {sorted(DEFAULTS)}"
+      )
+    o = {**DEFAULTS, **cfg}
+    api_key = None
+    if o["api_key_env"]:
+      api_key = os.environ.get(o["api_key_env"])
+      if not api_key:
+        raise ValueError(
+          f"teacher.api_key_env names {o['api_key_env']!r} but that environment variable is "
+          "empty or unset; export it (keys are read from the environment only)."
+        )
+    name = o.pop("backend")
+    kwargs = dict(
+      model=o.pop("model"), base_url=o.pop("base_url"), api_key=api_key,
+      samples_per_request=o.pop("samples_per_request"),
+      prompts_per_request=o.pop("prompts_per_request"), extra_body=o.pop("extra_body"),
+    )  # fmt: skip
+    chat_mode, version, budget = (
+      o.pop("chat_mode"),
+      o.pop("anthropic_version"),
+      o.pop("thinking_budget"),
+    )
+    if name == "openai_chat":
+      kwargs["chat_mode"] = "continue_final_message" if chat_mode == "auto" else chat_mode
+    elif name == "anthropic":
+      kwargs["anthropic_version"] = version
+    elif name == "gemini":
+      kwargs["thinking_budget"] = budget
+    backend = tb.make_backend(name, **kwargs)
+    o.pop("api_key_env")
+    client = cls(backend, **o)
+    client._auto_chat = name == "openai_chat" and chat_mode == "auto"
+    return client
+
+  def __repr__(self) -> str:
+    return f"TeacherClient({self.backend!r}, max_in_flight={self.max_in_flight})"
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    self.close()
+
+  # ---------------------------------------------------------------------- public API (any thread)
+
+  def submit(self, requests: Sequence[TeacherRequest]) -> list[concurrent.futures.Future]:
+    """Queues requests; returns one future per request, resolving to its list of Samples."""
+    if self._closed:
+      raise RuntimeError("TeacherClient.submit after close().")
+    jobs = [self._make_job(r) for r in requests]
+    self._loop.call_soon_threadsafe(self._start_jobs, jobs)
+    return [j.future for j in jobs]
+
+  def generate(self, requests: Sequence[TeacherRequest], timeout: float | None = None):
+    """submit() and wait: a list (per request) of lists of Samples."""
+    return [f.result(timeout) for f in self.submit(requests)]
+
+  @property
+  def halted(self) -> str | None:
+    """Why the client stopped sending (budget, auth, spend limit, refused mode), or None."""
+    return self._halt
+
+  @property
+  def budget_exhausted(self) -> bool:
+    return self._halt is not None and self._halt.startswith("budget")
+
+  def probe(self, timeout: float | None = None) -> dict[str, Any]:
+    """Sends one tiny continuation request: checks prefill, temperature and samples-per-request.
+
+    Lowers samples_per_request when the API refuses several; with chat_mode "auto" falls back
+    to "instructed" only when allow_approximate. Raises TeacherCapabilityError / TeacherError.
+    """
+    timeout = timeout or self.timeout_s * (self.max_retries + 2)
+    b = self.backend
+    for _ in range(3):
+      req = self._resolve(
+        TeacherRequest(
+          key="probe", problem="What is 2 + 3?", prefix_text="2 + 3 =" if b.name != "openai_completions"
+          else "Question: What is 2 + 3?\nAnswer: 2 + 3 =", num_samples=min(2, b.caps.samples_per_request),
+          max_tokens=4, seed=0,
+        )
+      )  # fmt: skip
+      t0 = time.perf_counter()
+      samples, verdict = self._call(
+        self._run_call(b.pack([(0, req, [0, 1][: req.num_samples])])[0], None, True), timeout
+      )
+      if any(s.ok for s in samples):
+        break
+      if verdict is not None and verdict.capability == "samples" and b.caps.samples_per_request > 1:
+        b.set_samples_per_request(1)
+        continue
+      if (
+        verdict is not None
+        and verdict.capability == "prefill"
+        and getattr(self, "_auto_chat", False)
+      ):
+        # Only to "instructed": a server that ignores a trailing assistant turn would silently
+        # answer afresh, so trailing_assistant is never guessed, only configured.
+        if self.allow_approximate and b.mode != tb.INSTRUCTED:
+          b.set_chat_mode(tb.INSTRUCTED)
+          continue
+      reason = samples[0].error
+      if verdict is not None and verdict.capability:
+        raise TeacherCapabilityError(reason)
+      raise TeacherError(f"teacher probe failed: {reason}")
+    else:
+      raise TeacherError(f"teacher probe failed: {samples[0].error}")
+    self._check_mode()
+    if self._cache is not None:
+      self._cache.namespace = f"{b.name}|{b.model}|{b.mode}"
+    info = {
+      "backend": b.name, "model": b.model, "mode": b.mode, "approximate": b.approximate,
+      "samples_per_request": b.caps.samples_per_request, "prompts_per_request": b.caps.prompts_per_request,
+      "latency_s": time.perf_counter() - t0, "text": next(s.text for s in samples if s.ok),
+    }  # fmt: skip
+    log.info("teacher probe ok: %s", {k: v for k, v in info.items() if k != "text"})
+    return info
+
+  def metrics(self, reset: bool = True) -> dict[str, float]:
+    """Counters since the last reset (per step), plus run totals."""
+    return self._call(self._snapshot(reset))
+
+  def state_dict(self) -> dict[str, float]:
+    """Cumulative counters (cost, tokens) for checkpoints."""
+    return dict(self._call(self._totals_copy()))
+
+  def load_state_dict(self, state: Mapping[str, float]) -> None:
+    async def load():
+      for k in self._totals:
+        if k in state:
+          self._totals[k] = type(self._totals[k])(state[k])
+
+    self._call(load())
+
+  def close(self, timeout: float = 30.0) -> None:
+    """Stops the loop; requests still pending resolve with failures ("client closed")."""
+    if self._closed:
+      return
+    self._closed = True
+    try:
+      self._call(self._shutdown(), timeout)
+    finally:
+      self._loop.call_soon_threadsafe(self._loop.stop)
+      self._thread.join(timeout)
+
+  # ------------------------------------------------------------------------- caller-thread helpers
+
+  def _call(self, coro, timeout: float | None = None):
+    return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
+
+  def _check_mode(self) -> None:
+    if self.backend.approximate and not self.allow_approximate:
+      raise TeacherCapabilityError(
+        f"teacher {self.backend.name} {self.backend.model} runs in the approximate 'instructed' mode "
+        "(not a sample of p_teacher(. | prefix)); set teacher.allow_approximate=True to train on it."
+      )
+
+  def _resolve(self, r: TeacherRequest) -> TeacherRequest:
+    if r.max_tokens is None or r.temperature is None:
+      r = dataclasses.replace(
+        r,
+        max_tokens=self.max_tokens if r.max_tokens is None else r.max_tokens,
+        temperature=self.temperature if r.temperature is None else r.temperature,
+      )
+    if r.num_samples < 1 or r.max_tokens < 1 or r.temperature < 0:
+      raise ValueError(
+        f"request {r.key!r}: need num_samples >= 1, max_tokens >= 1, temperature >= 0."
+      )
+    self.backend.validate(r)
+    return r
+
+  def _make_job(self, r: TeacherRequest) -> _Job:
+    r = self._resolve(r)
+    return _Job(r, concurrent.futures.Future(), [None] * r.num_samples, r.num_samples)
+
+  # ----------------------------------------------------------------------------- loop thread only
+
+  async def _open(self):
+    connector = aiohttp.TCPConnector(limit=self.max_in_flight, limit_per_host=0)
+    timeout = aiohttp.ClientTimeout(total=self.timeout_s, sock_connect=min(10.0, self.timeout_s))
+    self._session = aiohttp.ClientSession(connector=connector, timeout=timeout)
+    self._headers = {"Content-Type": "application/json", **self.backend.auth_headers()}
+    self._sem = asyncio.Semaphore(self.max_in_flight)
+    self._budget_cv = asyncio.Condition()
+
+  def _start_jobs(self, jobs: list[_Job]) -> None:
+    try:
+      self._start_jobs_unsafe(jobs)
+    except Exception as e:  # a bug here must not leave futures hanging
+      log.exception("teacher client internal error")
+      for job in jobs:
+        for i, s in enumerate(job.samples):
+          if s is None:
+            self._fill(job, i, tb.failure(f"internal error: {e!r}", self.backend.mode))
+
+  def _start_jobs_unsafe(self, jobs: list[_Job]) -> None:
+    items = []
+    for job in jobs:
+      self._pending.add(job)
+      if self._halt:
+        for i in range(job.request.num_samples):
+          self._fill(job, i, tb.failure(self._halt, self.backend.mode))
+        continue
+      missing = range(job.request.num_samples)
+      if self._cache is not None:
+        job.cache_base = self._cache.base(job.request)
+        missing = []
+        for i in range(job.request.num_samples):
+          hit = self._cache.get(job.cache_base, i)
+          if hit is None:
+            missing.append(i)
+          else:
+            self._stats.cache_hits += 1
+            self._fill(job, i, hit)
+      if missing:
+        items.append((len(items), job.request, missing, job))
+    if not items:
+      return
+    jobs_by_item = [it[3] for it in items]
+    for call in self.backend.pack([it[:3] for it in items]):
+      task = self._loop.create_task(self._run_call(call, jobs_by_item))
+      self._tasks.add(task)
+      task.add_done_callback(self._tasks.discard)
+
+  def _fill(self, job: _Job, index: int, sample: Sample) -> None:
+    if job.samples[index] is not None:
+      return  # first answer wins: a sample is never delivered (or billed) twice
+    job.samples[index] = sample
+    job.remaining -= 1
+    if sample.ok:
+      self._stats.samples_ok += 1
+    else:
+      self._stats.samples_failed += 1
+    if job.remaining == 0:
+      self._pending.discard(job)
+      if not job.future.done():
+        job.future.set_result(job.samples)
+
+  def _deliver(self, call: tb.HttpCall, jobs: list[_Job], samples: list[Sample]) -> None:
+    for (item, index), s in zip(call.slots, samples):
+      job = jobs[item]
+      if s.ok and self._cache is not None and job.samples[index] is None:
+        self._cache.put(job.cache_base, index, s)
+      self._fill(job, index, s)
+
+  async def _run_call(self, call: tb.HttpCall, jobs: list[_Job] | None, probing: bool = False):
+    try:
+      samples, verdict = await self._attempts(call, probing)
+    except asyncio.CancelledError:
+      raise
+    except Exception as e:  # a bug here must not lose samples
+      log.exception("teacher client internal error")
+      samples, verdict = [tb.failure(f"internal error: {e!r}", call.mode)] * len(call.slots), None
+    if jobs is None:
+      return samples, verdict
+    self._deliver(call, jobs, samples)
+
+  def _est_cost(self, call: tb.HttpCall) -> float:
+    return call.est_tokens_in * self.price_in + call.max_tokens_out * self.price_out
+
+  async def _reserve(self, cost: float) -> bool:
+    """Holds `cost` of the budget for an in-flight call; False once the cap would be passed."""
+    async with self._budget_cv:
+      while self._totals["cost_usd"] + self._reserved_usd + cost > self.budget_usd:
+        if self._reserved_usd <= 0 or self._halt:
+          self._halt = self._halt or (
+            f"budget cap reached: ${self._totals['cost_usd']:.4f} spent of budget_usd="
+            f"{self.budget_usd}; raise teacher.budget_usd to continue"
+          )
+          return False
+        await self._budget_cv.wait()
+      self._reserved_usd += cost
+      return True
+
+  async def _release(self, cost: float) -> None:
+    async with self._budget_cv:
+      self._reserved_usd -= cost
+      self._budget_cv.notify_all()
+
+  async def _attempts(self, call: tb.HttpCall, probing: bool):
+    """Sends `call` until it succeeds, fails for good, or retries run out."""
+    fail = lambda reason: [tb.failure(reason, call.mode)] * len(call.slots)
+    url = self.backend.base_url + call.path
+    data = json.dumps(call.payload, separators=(",", ":")).encode()
+    est_cost = self._est_cost(call) if self.budget_usd is not None else 0.0
+    stats, rates, loop = self._stats, self._rates, self._loop
+    verdict, first_t = None, None
+    for attempt in range(self.max_retries + 1):
+      if self._halt:
+        return fail(self._halt), verdict
+      if self._gate_until > loop.time():
+        while (wait := self._gate_until - loop.time()) > 0:
+          await asyncio.sleep(wait)
+      if self.budget_usd is not None and not await self._reserve(est_cost):
+        return fail(self._halt), verdict
+      try:
+        async with self._sem:
+          if rates["rpm"]:
+            await rates["rpm"].acquire(1)
+          if rates["input_tpm"]:
+            await rates["input_tpm"].acquire(call.est_tokens_in)
+          if rates["output_tpm"]:
+            await rates["output_tpm"].acquire(call.max_tokens_out)
+          stats = self._stats
+          stats.requests += 1
+          self._totals["requests"] += 1
+          if attempt:
+            stats.retries += 1
+          t0 = time.perf_counter()
+          first_t = first_t or t0
+          try:
+            async with self._session.post(url, data=data, headers=self._headers) as resp:
+              raw = await resp.read()
+            verdict = self.backend.classify(resp.status, resp.headers, raw)
+          except TimeoutError:
+            stats.timeouts += 1
+            verdict = tb.Verdict(
+              "retry", f"timeout: no full answer within timeout_s={self.timeout_s}"
+            )
+          except aiohttp.ClientError as e:
+            verdict = tb.Verdict("retry", f"connection error: {type(e).__name__}: {e}")
+        if verdict.kind == "ok":
+          try:
+            samples = self.backend.parse(call, verdict.body)
+          except (tb.MalformedResponse, AttributeError, TypeError, KeyError, ValueError) as e:
+            verdict = tb.Verdict("retry", f"malformed answer: {e}")
+          else:
+            self._account(call, samples, time.perf_counter() - first_t)
+            return samples, verdict
+      finally:
+        if self.budget_usd is not None:
+          await self._release(est_cost)
+      if verdict.rate_limited:
+        self._on_rate_limited(verdict)
+      if verdict.kind == "halt":
+        if not (probing and verdict.capability):
+          self._halt = self._halt or verdict.reason
+          log.error("teacher halted: %s", verdict.reason)
+        return fail(verdict.reason), verdict
+      if verdict.kind == "fatal":
+        return fail(verdict.reason), verdict
+      if attempt < self.max_retries:
+        await asyncio.sleep(self._backoff(attempt, verdict.retry_after_s))
+    return fail(f"gave up after {self.max_retries + 1} attempts; last: {verdict.reason}"), verdict
+
+  def _backoff(self, attempt: int, retry_after: float | None) -> float:
+    base, cap = self._o["backoff_base_s"], self._o["backoff_cap_s"]
+    if retry_after is not None:
+      return min(retry_after, self._o["max_retry_wait_s"]) + self._rng.uniform(0, base)
+    return self._rng.uniform(0, min(cap, base * 2**attempt))
+
+  def _on_rate_limited(self, verdict: tb.Verdict) -> None:
+    """A 429/529: honour Retry-After for all traffic; pause everything after a storm."""
+    now = self._loop.time()
+    if verdict.status == 429:
+      self._stats.n429 += 1
+    else:
+      self._stats.overloaded += 1
+    if verdict.retry_after_s is not None:
+      wait = min(verdict.retry_after_s, self._o["max_retry_wait_s"])
+      self._gate_until = max(self._gate_until, now + wait)
+    recent = self._recent_429
+    recent.append(now)
+    while recent and recent[0] < now - self._o["storm_window_s"]:
+      recent.popleft()
+    if len(recent) >= self._o["storm_threshold"]:
+      pause = min(self._o["backoff_cap_s"], self._o["storm_pause_s"] * 2**self._storms)
+      self._storms += 1
+      recent.clear()
+      self._stats.pauses += 1
+      self._gate_until = max(self._gate_until, now + pause)
+      log.warning("teacher: 429/529 storm, pausing all requests for %.2fs", pause)
+
+  def _account(self, call: tb.HttpCall, samples: list[Sample], latency: float) -> None:
+    t_in = sum(s.tokens_in for s in samples)
+    t_out = sum(s.tokens_out for s in samples)
+    cost = t_in * self.price_in + t_out * self.price_out
+    st, tot = self._stats, self._totals
+    st.tokens_in += t_in
+    st.tokens_out += t_out
+    st.cost_usd += cost
+    st.latencies.append(latency)
+    tot["tokens_in"] += t_in
+    tot["tokens_out"] += t_out
+    tot["cost_usd"] += cost
+    tot["samples"] += len(samples)
+    self._storms = 0
+    if self._rates["input_tpm"]:  # reconcile the up-front estimates with the reported usage
+      self._rates["input_tpm"].refund(call.est_tokens_in - t_in)
+    if self._rates["output_tpm"]:
+      self._rates["output_tpm"].refund(call.max_tokens_out - t_out)
+
+  async def _snapshot(self, reset: bool) -> dict[str, float]:
+    s = self._stats
+    if reset:
+      self._stats = _Stats()
+    lat = np.asarray(s.latencies, np.float64)
+    p50, p95 = np.percentile(lat, [50, 95]) if lat.size else (0.0, 0.0)
+    return {
+      "teacher/requests": s.requests, "teacher/retries": s.retries, "teacher/429s": s.n429,
+      "teacher/overloaded": s.overloaded, "teacher/timeouts": s.timeouts, "teacher/pauses": s.pauses,
+      "teacher/latency_p50_s": float(p50), "teacher/latency_p95_s": float(p95),
+      "teacher/tokens_in": s.tokens_in, "teacher/tokens_out": s.tokens_out,
+      "teacher/cost_usd": s.cost_usd, "teacher/cost_usd_total": self._totals["cost_usd"],
+      "teacher/samples_ok": s.samples_ok, "teacher/samples_failed": s.samples_failed,
+      "teacher/cache_hits": s.cache_hits, "teacher/approximate": float(self.backend.approximate),
+      "teacher/in_flight_requests": len(self._pending),
+    }  # fmt: skip
+
+  async def _totals_copy(self):
+    return dict(self._totals)
+
+  async def _shutdown(self):
+    for t in list(self._tasks):
+      t.cancel()
+    await asyncio.gather(*self._tasks, return_exceptions=True)
+    for job in list(self._pending):
+      for i, s in enumerate(job.samples):
+        if s is None:
+          self._fill(
+            job, i, tb.failure("client closed before the teacher answered", self.backend.mode)
+          )
+    await self._session.close()
