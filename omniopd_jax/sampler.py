@@ -1,0 +1,319 @@
+"""Rollouts: prefill plus KV-cache decode in one jitted program, returning each sampled token with
+its log-prob and the full-vocabulary entropy of the raw (temperature 1) distribution, in float32.
+
+  rollout = sampler.generate(model, [[1, 5, 9], [1, 7]], max_new_tokens=64, eos_ids=[2])
+  rollout.tokens, rollout.mask, rollout.logprobs, rollout.entropy  # numpy, each [B, 64]
+"""
+
+import dataclasses
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding
+
+from omniopd_jax import sharding
+
+# Prompt lengths and batch sizes are rounded up to one of these (then to multiples of the largest),
+# so a training run compiles a handful of programs; the padding wasted is at most a third.
+PROMPT_BUCKETS = (16, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
+
+_num_traces = 0
+
+
+class Rollout(NamedTuple):
+  """Sampled continuations; position j of row b is the j-th generated token of prompt b."""
+
+  tokens: np.ndarray  # [B, L] int32; pad_id after the row finished
+  mask: np.ndarray  # [B, L] bool; generated tokens up to and including the first EOS
+  logprobs: np.ndarray  # [B, L] float32; log p(token) under the temperature-1 distribution
+  entropy: np.ndarray  # [B, L] float32; full-vocabulary entropy of that distribution
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingOptions:
+  """Static sampling settings: each distinct value compiles its own program."""
+
+  max_new_tokens: int
+  temperature: float = 1.0  # 0 = greedy
+  top_p: float = 1.0  # nucleus: keep the smallest set of tokens with mass >= top_p
+  top_k: int = 0  # 0 = no top-k filter
+  eos_ids: tuple[int, ...] = ()  # a row stops after emitting any of these; () = never stop
+  pad_id: int = 0  # written after a row finished
+  num_samples: int = 1  # continuations per prompt (rows b*K .. b*K+K-1 continue prompt b)
+
+  def __post_init__(self):
+    object.__setattr__(self, "eos_ids", tuple(int(i) for i in self.eos_ids))
+    if self.max_new_tokens < 1:
+      raise ValueError(f"max_new_tokens={self.max_new_tokens} must be >= 1")
+    if self.temperature < 0:
+      raise ValueError(f"temperature={self.temperature} must be >= 0 (0 means greedy)")
+    if not 0.0 < self.top_p <= 1.0:
+      raise ValueError(f"top_p={self.top_p} must be in (0, 1] (1 disables nucleus sampling)")
+    if self.top_k < 0:
+      raise ValueError(f"top_k={self.top_k} must be >= 0 (0 disables top-k)")
+    if self.num_samples < 1:
+      raise ValueError(f"num_samples={self.num_samples} must be >= 1")
+
+
+def num_traces() -> int:
+  """How many times a generate program has been traced (each trace is a compilation)."""
+  return _num_traces
+
+
+def bucket(n: int, buckets: Sequence[int], multiple: int = 1) -> int:
+  """The smallest bucket >= n (past the last one: a multiple of it), rounded up to `multiple`."""
+  size = next((b for b in buckets if b >= n), -(-n // buckets[-1]) * buckets[-1])
+  return -(-size // multiple) * multiple
+
+
+def pad_prompts(
+  prompts: Sequence[Sequence[int]],
+  *,
+  batch_size: int | None = None,
+  prompt_len: int | None = None,
+  pad_id: int = 0,
+  batch_multiple: int = 1,
+) -> tuple[np.ndarray, np.ndarray]:
+  """Left-pad token-id lists into bucketed arrays: (tokens [B', P] int32, mask [B', P] bool).
+
+  B' and P default to the buckets above n_prompts and the longest prompt. Rows past the prompts
+  are all-padding (mask all False): the sampler treats them as finished from the start.
+  """
+  if len(prompts) == 0:
+    raise ValueError("prompts is empty: pass a list of token-id lists")
+  lengths = [len(p) for p in prompts]
+  if min(lengths) == 0:
+    raise ValueError(f"prompt {lengths.index(0)} is empty: every prompt needs >= 1 token (BOS)")
+  b = batch_size or bucket(len(prompts), BATCH_BUCKETS, batch_multiple)
+  p = prompt_len or bucket(max(lengths), PROMPT_BUCKETS)
+  if b < len(prompts) or b % batch_multiple or p < max(lengths):
+    raise ValueError(
+      f"batch_size={b} / prompt_len={p} cannot hold {len(prompts)} prompts of up to "
+      f"{max(lengths)} tokens (batch_size must also be a multiple of {batch_multiple})"
+    )
+  tokens = np.full((b, p), pad_id, np.int32)
+  mask = np.zeros((b, p), bool)
+  for i, ids in enumerate(prompts):
+    tokens[i, p - len(ids) :] = np.asarray(ids, np.int32)
+    mask[i, p - len(ids) :] = True
+  return tokens, mask
+
+
+def logprob_and_entropy(logits, tokens):
+  """log p(token) and the entropy of softmax(logits), float32. logits: [..., V], tokens: [...]."""
+  logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)  # [..., V]
+  entropy = -jnp.sum(jnp.exp(logp) * logp, axis=-1)  # [...]
+  picked = jnp.take_along_axis(logp, tokens[..., None], axis=-1)[..., 0]  # [...]
+  return picked, entropy
+
+
+def filter_logits(logits, top_k: int = 0, top_p: float = 1.0):
+  """Set logits outside the top-k and outside the top-p nucleus to -inf. logits: [B, V] float32."""
+  neg_inf = jnp.float32(-jnp.inf)
+  top_k = top_k if 0 < top_k < logits.shape[-1] else 0
+  if top_k:
+    top = jax.lax.top_k(logits, top_k)[0]  # [B, k], descending
+    logits = jnp.where(logits < top[:, -1:], neg_inf, logits)
+  if top_p < 1.0:
+    # The nucleus lies inside the top-k when there is one, so sorting k values suffices.
+    ordered = top if top_k else -jnp.sort(-logits, axis=-1)  # [B, k|V], descending
+    probs = jax.nn.softmax(ordered, axis=-1)
+    mass_before = jnp.cumsum(probs, axis=-1) - probs  # [B, k|V]
+    keep = mass_before < top_p  # the top token always stays
+    threshold = jnp.min(jnp.where(keep, ordered, jnp.inf), axis=-1, keepdims=True)  # [B, 1]
+    logits = jnp.where(logits < threshold, neg_inf, logits)
+  return logits
+
+
+def sample_tokens(logits, key, options: SamplingOptions):
+  """Next tokens [B] int32 from float32 logits [B, V] under the sampling options."""
+  if options.temperature == 0:
+    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  scaled = filter_logits(logits / options.temperature, options.top_k, options.top_p)
+  return jax.random.categorical(key, scaled, axis=-1).astype(jnp.int32)
+
+
+def _cache_shardings(model, mesh, rules):
+  cfg = model.config
+  shape = (1, 1, cfg.num_key_value_heads, cfg.dim_per_head)
+  spec = sharding.logical_to_spec(("batch", None, "kv_heads", "head_dim"), shape, mesh, rules)
+  return NamedSharding(mesh, spec)
+
+
+def make_generate_fn(
+  graphdef, options: SamplingOptions, *, mesh=None, rules=sharding.DEFAULT_RULES, state=None
+):
+  """A jitted `fn(state, prompt_tokens, prompt_mask, seed) -> dict` for a train loop to hold.
+
+  Args:
+    graphdef: `nnx.split(model)[0]`; the parameters come in as `state` at each call, so new
+      parameter values never recompile.
+    options: static sampling settings.
+    mesh: optional; then rows are split over the batch axes and, when `state` (an example state
+      or its abstract shape) is given, parameters are pinned to their logical-axis shardings.
+
+  The function takes prompt_tokens [B, P] int32 (left-padded), prompt_mask [B, P] bool and a
+  uint32 seed scalar, and returns device arrays tokens/mask/logprobs/entropy [B*K, L] plus
+  `steps` (decode iterations run; the loop exits once every row has emitted an EOS). It compiles
+  once per (B, P) and never again.
+  """
+  opts = options
+  eos = jnp.asarray(opts.eos_ids or (-1,), jnp.int32)
+  length, k_samples = opts.max_new_tokens, opts.num_samples
+
+  def run(state, prompt_tokens, prompt_mask, seed):
+    global _num_traces
+    _num_traces += 1
+    model = nnx.merge(graphdef, state)
+    b, p = prompt_tokens.shape
+    prompt_mask = prompt_mask.astype(bool)
+    constrain = lambda x, s: x if mesh is None else jax.lax.with_sharding_constraint(x, s)
+    rows = None if mesh is None else sharding.batch_sharding(mesh, 2, rules)
+    kv = None if mesh is None else _cache_shardings(model, mesh, rules)
+
+    # Prefill: write the prompt into the cache; logits only at the last slot (every row's last
+    # prompt token sits there, prompts being left-padded), not over the whole prompt.
+    cache = [(constrain(k, kv), constrain(v, kv)) for k, v in model.init_cache(b, p + length)]
+    slot_mask = jnp.concatenate([prompt_mask, jnp.ones((b, length), bool)], axis=1)  # [B, S]
+    positions = jnp.maximum(jnp.cumsum(prompt_mask, axis=1) - 1, 0)  # [B, P]
+    hidden, cache = model.hidden_states(
+      prompt_tokens, slot_mask, positions, cache=cache, cache_index=0
+    )
+    logits = model.logits(hidden[:, -1])  # [B, V]
+    prompt_len = prompt_mask.sum(axis=1).astype(jnp.int32)  # [B]
+    done = ~prompt_mask.any(axis=1)  # all-padding rows are finished from the start
+    if k_samples > 1:  # K continuations share one prefill
+      rep = lambda x: jnp.repeat(x, k_samples, axis=0)
+      cache = [(constrain(rep(k), kv), constrain(rep(v), kv)) for k, v in cache]
+      logits, slot_mask, prompt_len, done = map(rep, (logits, slot_mask, prompt_len, done))
+    n = b * k_samples
+    key = jax.random.key(seed)
+
+    def emit(step, logits, done, out):
+      token = sample_tokens(logits, jax.random.fold_in(key, step), opts)  # [N]
+      logprob, entropy = logprob_and_entropy(logits, token)  # [N], [N]
+      live = ~done
+      out = {
+        "tokens": out["tokens"].at[:, step].set(jnp.where(live, token, opts.pad_id)),
+        "mask": out["mask"].at[:, step].set(live),
+        "logprobs": out["logprobs"].at[:, step].set(jnp.where(live, logprob, 0.0)),
+        "entropy": out["entropy"].at[:, step].set(jnp.where(live, entropy, 0.0)),
+      }
+      return token, done | (live & jnp.isin(token, eos)), out
+
+    out = {
+      "tokens": jnp.full((n, length), opts.pad_id, jnp.int32),
+      "mask": jnp.zeros((n, length), bool),
+      "logprobs": jnp.zeros((n, length), jnp.float32),
+      "entropy": jnp.zeros((n, length), jnp.float32),
+    }
+    out = {name: constrain(x, rows) for name, x in out.items()}
+    token, done, out = emit(0, logits, done, out)
+
+    def cond(carry):
+      step, _, done, _, _ = carry
+      return (step < length) & ~jnp.all(done)
+
+    def body(carry):
+      # Step i feeds token i-1 (slot P+i-1, position prompt_len+i-1) and samples token i.
+      step, token, done, cache, out = carry
+      hidden, cache = model.hidden_states(
+        token[:, None],
+        slot_mask,
+        (prompt_len + step - 1)[:, None],
+        cache=cache,
+        cache_index=p + step - 1,
+      )
+      token, done, out = emit(step, model.logits(hidden[:, 0]), done, out)
+      return step + 1, token, done, cache, out
+
+    steps, _, _, _, out = jax.lax.while_loop(cond, body, (jnp.int32(1), token, done, cache, out))
+    return dict(out, steps=steps)
+
+  if mesh is None:
+    return jax.jit(run)
+  rows = sharding.batch_sharding(mesh, 2, rules)
+  scalar = NamedSharding(mesh, jax.sharding.PartitionSpec())
+  state_sh = None if state is None else sharding.variable_shardings(state, mesh, rules)
+  out_sh = dict(tokens=rows, mask=rows, logprobs=rows, entropy=rows, steps=scalar)
+  return jax.jit(run, in_shardings=(state_sh, rows, rows, scalar), out_shardings=out_sh)
+
+
+# (graphdef, options, mesh, rules) -> jitted fn; jax.jit then caches one program per input shape.
+_GENERATE_FNS: dict = {}
+
+
+def generate(
+  model,
+  prompts: Sequence[Sequence[int]],
+  *,
+  max_new_tokens: int,
+  temperature: float = 1.0,
+  top_p: float = 1.0,
+  top_k: int = 0,
+  seed: int = 0,
+  eos_ids: Sequence[int] | None = None,
+  pad_id: int = 0,
+  num_samples: int = 1,
+  mesh=None,
+  rules=sharding.DEFAULT_RULES,
+) -> Rollout:
+  """Sample `max_new_tokens` continuations of each prompt (a list of token-id lists).
+
+  Rows stop independently after an id in `eos_ids` (None: run to max_new_tokens). temperature=0
+  is greedy. `num_samples=K` returns K continuations per prompt (rows b*K .. b*K+K-1), sharing one
+  prefill. With a `mesh`, rows are split over its batch axes and the parameters keep their
+  shardings. Compiles once per (batch bucket, prompt bucket, options); parameter values may change
+  freely between calls.
+  """
+  options = SamplingOptions(
+    max_new_tokens=max_new_tokens,
+    temperature=temperature,
+    top_p=top_p,
+    top_k=top_k,
+    eos_ids=tuple(eos_ids or ()),
+    pad_id=pad_id,
+    num_samples=num_samples,
+  )
+  graphdef, state = nnx.split(model)
+  rules = tuple(rules)
+  fn_key = (graphdef, options, mesh, rules)
+  if fn_key not in _GENERATE_FNS:
+    _GENERATE_FNS[fn_key] = make_generate_fn(graphdef, options, mesh=mesh, rules=rules, state=state)
+  fn = _GENERATE_FNS[fn_key]
+  multiple = 1
+  if mesh is not None:
+    multiple = int(np.prod([mesh.shape[a] for a in rows_axes(mesh, rules)]))
+  tokens, mask = pad_prompts(prompts, pad_id=pad_id, batch_multiple=multiple)
+  seed_arr = np.uint32(seed % 2**32)
+  out = jax.device_get(fn(state, tokens, mask, seed_arr))
+  n = len(prompts) * num_samples
+  return Rollout(
+    tokens=np.asarray(out["tokens"][:n]),
+    mask=np.asarray(out["mask"][:n]),
+    logprobs=np.asarray(out["logprobs"][:n]),
+    entropy=np.asarray(out["entropy"][:n]),
+  )
+
+
+def rows_axes(mesh, rules=sharding.DEFAULT_RULES) -> tuple[str, ...]:
+  """Mesh axes the batch dimension is split over (a batch must be a multiple of their product)."""
+  target = dict(rules).get("batch")
+  return (target,) if isinstance(target, str) else tuple(target or ())
+
+
+def draft_chunks(model, prefixes, *, num_drafts: int, chunk_len: int, **kwargs) -> Rollout:
+  """K alternative chunk drafts of C tokens after each prefix (the "group" chunk-weight form).
+
+  `prefixes` are token-id lists (prompt plus the response up to the fork). Each prefix is
+  prefilled once and its cache shared by the K drafts. Returns a Rollout of [N, K, C] arrays.
+  Other keyword arguments (temperature, top_p, top_k, seed, eos_ids, mesh) go to `generate`.
+  """
+  out = generate(model, prefixes, max_new_tokens=chunk_len, num_samples=num_drafts, **kwargs)
+  n = len(prefixes)
+  return Rollout(*(x.reshape(n, num_drafts, chunk_len) for x in out))
