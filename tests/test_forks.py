@@ -151,3 +151,20 @@ def test_fork_metrics():
   assert m["forks/entropy_at_forks"] == pytest.approx(3.0)
   assert m["forks/num_forks_mean"] == pytest.approx(0.5)
   assert m["forks/rows_without_forks"] == pytest.approx(0.5)
+
+
+def test_select_forks_on_a_sharded_batch():
+  mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Explicit,))
+  rng = np.random.default_rng(5)
+  ent, mask = _random_rows(rng, batch=16, length=12)
+  sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+  starts, valid = forks.select_forks(
+    jax.device_put(jnp.asarray(ent), sharding),
+    jax.device_put(jnp.asarray(mask), sharding),
+    num_forks=2,
+    chunk_len=3,
+  )
+  for b in range(16):
+    assert list(np.asarray(starts)[b][np.asarray(valid)[b]]) == _reference_forks(
+      ent[b], mask[b], 2, 3
+    )
