@@ -144,6 +144,13 @@ class DiskCache:
     return Sample(d["text"], None, d.get("finish_reason"), None if ids is None else tuple(ids),
                   d.get("tokens_in", 0), d.get("tokens_out", 0), d.get("mode", ""), True)  # fmt: skip
 
+  def put_many(self, entries) -> None:
+    for base, index, s in entries:
+      try:
+        self.put(base, index, s)
+      except OSError as e:  # a full disk must not break training: the entry is just not cached
+        log.warning("teacher cache write failed: %s", e)
+
   def put(self, base, index: int, s: Sample) -> None:
     path = self._path(base, index)
     folder = os.path.dirname(path)
@@ -176,6 +183,22 @@ class _Job:
   samples: list
   remaining: int
   cache_base: Any = None
+
+
+@dataclasses.dataclass(slots=True, eq=False)
+class _Flight:
+  """One HttpCall on its way: the jobs its slots point into and its retry state."""
+
+  call: tb.HttpCall
+  jobs: list | None
+  attempt: int = 0
+  first_t: float = 0.0
+  verdict: Any = None
+  data: bytes = b""
+  waiter: asyncio.Future | None = None  # set for the probe instead of jobs
+
+  def __post_init__(self):
+    self.data = json.dumps(self.call.payload, separators=(",", ":")).encode()
 
 
 class TeacherClient:
@@ -215,6 +238,9 @@ class TeacherClient:
     self._storms = 0
     self._pending: set[_Job] = set()
     self._tasks: set[asyncio.Task] = set()
+    self._queue: collections.deque = collections.deque()
+    self._n_workers = self._n_busy = 0
+    self._writer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="teacher-cache")
     self._closed = False
     self._loop = asyncio.new_event_loop()
     self._thread = threading.Thread(
@@ -287,6 +313,10 @@ class TeacherClient:
     """submit() and wait: a list (per request) of lists of Samples."""
     return [f.result(timeout) for f in self.submit(requests)]
 
+  def flush(self) -> None:
+    """Waits until every cache write queued so far is on disk."""
+    self._writer.submit(lambda: None).result()
+
   @property
   def halted(self) -> str | None:
     """Why the client stopped sending (budget, auth, spend limit, refused mode), or None."""
@@ -313,9 +343,7 @@ class TeacherClient:
         )
       )  # fmt: skip
       t0 = time.perf_counter()
-      samples, verdict = self._call(
-        self._run_call(b.pack([(0, req, [0, 1][: req.num_samples])])[0], None, True), timeout
-      )
+      samples, verdict = self._call(self._probe_once(req), timeout)
       if any(s.ok for s in samples):
         break
       if verdict is not None and verdict.capability == "samples" and b.caps.samples_per_request > 1:
@@ -374,6 +402,7 @@ class TeacherClient:
     finally:
       self._loop.call_soon_threadsafe(self._loop.stop)
       self._thread.join(timeout)
+      self._writer.shutdown(wait=True)  # every cache write lands before close() returns
 
   # ------------------------------------------------------------------------- caller-thread helpers
 
@@ -389,11 +418,12 @@ class TeacherClient:
 
   def _resolve(self, r: TeacherRequest) -> TeacherRequest:
     if r.max_tokens is None or r.temperature is None:
-      r = dataclasses.replace(
-        r,
-        max_tokens=self.max_tokens if r.max_tokens is None else r.max_tokens,
-        temperature=self.temperature if r.temperature is None else r.temperature,
-      )
+      r = TeacherRequest(  # positional: a third of dataclasses.replace's cost
+        r.key, r.prefix_text, r.prefix_token_ids, r.num_samples,
+        self.max_tokens if r.max_tokens is None else r.max_tokens,
+        self.temperature if r.temperature is None else r.temperature,
+        r.seed, r.problem, r.system, r.stop,
+      )  # fmt: skip
     if r.num_samples < 1 or r.max_tokens < 1 or r.temperature < 0:
       raise ValueError(
         f"request {r.key!r}: need num_samples >= 1, max_tokens >= 1, temperature >= 0."
@@ -412,7 +442,6 @@ class TeacherClient:
     timeout = aiohttp.ClientTimeout(total=self.timeout_s, sock_connect=min(10.0, self.timeout_s))
     self._session = aiohttp.ClientSession(connector=connector, timeout=timeout)
     self._headers = {"Content-Type": "application/json", **self.backend.auth_headers()}
-    self._sem = asyncio.Semaphore(self.max_in_flight)
     self._budget_cv = asyncio.Condition()
 
   def _start_jobs(self, jobs: list[_Job]) -> None:
@@ -426,7 +455,7 @@ class TeacherClient:
             self._fill(job, i, tb.failure(f"internal error: {e!r}", self.backend.mode))
 
   def _start_jobs_unsafe(self, jobs: list[_Job]) -> None:
-    items = []
+    items, cache = [], self._cache
     for job in jobs:
       self._pending.add(job)
       if self._halt:
@@ -434,11 +463,11 @@ class TeacherClient:
           self._fill(job, i, tb.failure(self._halt, self.backend.mode))
         continue
       missing = range(job.request.num_samples)
-      if self._cache is not None:
-        job.cache_base = self._cache.base(job.request)
+      if cache is not None:
+        job.cache_base = cache.base(job.request)
         missing = []
         for i in range(job.request.num_samples):
-          hit = self._cache.get(job.cache_base, i)
+          hit = cache.get(job.cache_base, i)
           if hit is None:
             missing.append(i)
           else:
@@ -446,13 +475,36 @@ class TeacherClient:
             self._fill(job, i, hit)
       if missing:
         items.append((len(items), job.request, missing, job))
-    if not items:
-      return
-    jobs_by_item = [it[3] for it in items]
-    for call in self.backend.pack([it[:3] for it in items]):
-      task = self._loop.create_task(self._run_call(call, jobs_by_item))
+    if items:
+      jobs_by_item = [it[3] for it in items]
+      self._enqueue([_Flight(c, jobs_by_item) for c in self.backend.pack([it[:3] for it in items])])
+
+  def _enqueue(self, flights) -> None:
+    self._queue.extend(flights)
+    # One worker per in-flight slot, started on demand; a worker exits when the queue is empty.
+    while self._n_workers < min(self.max_in_flight, len(self._queue) + self._n_busy):
+      self._n_workers += 1
+      task = self._loop.create_task(self._worker())
       self._tasks.add(task)
       task.add_done_callback(self._tasks.discard)
+
+  async def _worker(self) -> None:
+    queue = self._queue
+    try:
+      while queue:
+        flight = queue.popleft()
+        self._n_busy += 1
+        try:
+          await self._attempt(flight)
+        except asyncio.CancelledError:
+          raise
+        except Exception as e:  # a bug here must not lose samples
+          log.exception("teacher client internal error")
+          self._finish(flight, self._failed(flight, f"internal error: {e!r}"), None)
+        finally:
+          self._n_busy -= 1
+    finally:
+      self._n_workers -= 1
 
   def _fill(self, job: _Job, index: int, sample: Sample) -> None:
     if job.samples[index] is not None:
@@ -468,27 +520,23 @@ class TeacherClient:
       if not job.future.done():
         job.future.set_result(job.samples)
 
-  def _deliver(self, call: tb.HttpCall, jobs: list[_Job], samples: list[Sample]) -> None:
-    for (item, index), s in zip(call.slots, samples):
-      job = jobs[item]
-      if s.ok and self._cache is not None and job.samples[index] is None:
-        self._cache.put(job.cache_base, index, s)
-      self._fill(job, index, s)
+  def _finish(self, flight: "_Flight", samples: list[Sample], verdict) -> None:
+    if flight.waiter is not None:  # the probe
+      if not flight.waiter.done():
+        flight.waiter.set_result((samples, verdict))
+      return
+    jobs, slots = flight.jobs, flight.call.slots
+    if self._cache is not None:  # queued before the futures resolve, so flush() sees them
+      writes = [(jobs[item].cache_base, index, s) for (item, index), s in zip(slots, samples)
+                if s.ok and jobs[item].samples[index] is None]  # fmt: skip
+      if writes:
+        self._writer.submit(self._cache.put_many, writes)  # file writes off the event loop
+    for (item, index), s in zip(slots, samples):
+      self._fill(jobs[item], index, s)
 
-  async def _run_call(self, call: tb.HttpCall, jobs: list[_Job] | None, probing: bool = False):
-    try:
-      samples, verdict = await self._attempts(call, probing)
-    except asyncio.CancelledError:
-      raise
-    except Exception as e:  # a bug here must not lose samples
-      log.exception("teacher client internal error")
-      samples, verdict = [tb.failure(f"internal error: {e!r}", call.mode)] * len(call.slots), None
-    if jobs is None:
-      return samples, verdict
-    self._deliver(call, jobs, samples)
-
-  def _est_cost(self, call: tb.HttpCall) -> float:
-    return call.est_tokens_in * self.price_in + call.max_tokens_out * self.price_out
+  @staticmethod
+  def _failed(flight: "_Flight", reason: str) -> list[Sample]:
+    return [tb.failure(reason, flight.call.mode)] * len(flight.call.slots)
 
   async def _reserve(self, cost: float) -> bool:
     """Holds `cost` of the budget for an in-flight call; False once the cap would be passed."""
@@ -509,71 +557,73 @@ class TeacherClient:
       self._reserved_usd -= cost
       self._budget_cv.notify_all()
 
-  async def _attempts(self, call: tb.HttpCall, probing: bool):
-    """Sends `call` until it succeeds, fails for good, or retries run out."""
-    fail = lambda reason: [tb.failure(reason, call.mode)] * len(call.slots)
-    url = self.backend.base_url + call.path
-    data = json.dumps(call.payload, separators=(",", ":")).encode()
-    est_cost = self._est_cost(call) if self.budget_usd is not None else 0.0
-    stats, rates, loop = self._stats, self._rates, self._loop
-    verdict, first_t = None, None
-    for attempt in range(self.max_retries + 1):
-      if self._halt:
-        return fail(self._halt), verdict
-      if self._gate_until > loop.time():
-        while (wait := self._gate_until - loop.time()) > 0:
-          await asyncio.sleep(wait)
-      if self.budget_usd is not None and not await self._reserve(est_cost):
-        return fail(self._halt), verdict
+  async def _attempt(self, flight: "_Flight") -> None:
+    """Sends `flight` once; then finishes it, or schedules its retry after a backoff."""
+    call, loop = flight.call, self._loop
+    if self._halt:
+      return self._finish(flight, self._failed(flight, self._halt), flight.verdict)
+    while (wait := self._gate_until - loop.time()) > 0:  # a shared pause after 429s
+      await asyncio.sleep(wait)
+    budget = self.budget_usd is not None
+    if budget:
+      est_cost = call.est_tokens_in * self.price_in + call.max_tokens_out * self.price_out
+      if not await self._reserve(est_cost):
+        return self._finish(flight, self._failed(flight, self._halt), flight.verdict)
+    try:
+      rates = self._rates
+      if rates["rpm"]:
+        await rates["rpm"].acquire(1)
+      if rates["input_tpm"]:
+        await rates["input_tpm"].acquire(call.est_tokens_in)
+      if rates["output_tpm"]:
+        await rates["output_tpm"].acquire(call.max_tokens_out)
+      stats = self._stats
+      stats.requests += 1
+      self._totals["requests"] += 1
+      if flight.attempt:
+        stats.retries += 1
+      t0 = time.perf_counter()
+      flight.first_t = flight.first_t or t0
       try:
-        async with self._sem:
-          if rates["rpm"]:
-            await rates["rpm"].acquire(1)
-          if rates["input_tpm"]:
-            await rates["input_tpm"].acquire(call.est_tokens_in)
-          if rates["output_tpm"]:
-            await rates["output_tpm"].acquire(call.max_tokens_out)
-          stats = self._stats
-          stats.requests += 1
-          self._totals["requests"] += 1
-          if attempt:
-            stats.retries += 1
-          t0 = time.perf_counter()
-          first_t = first_t or t0
-          try:
-            async with self._session.post(url, data=data, headers=self._headers) as resp:
-              raw = await resp.read()
-            verdict = self.backend.classify(resp.status, resp.headers, raw)
-          except TimeoutError:
-            stats.timeouts += 1
-            verdict = tb.Verdict(
-              "retry", f"timeout: no full answer within timeout_s={self.timeout_s}"
-            )
-          except aiohttp.ClientError as e:
-            verdict = tb.Verdict("retry", f"connection error: {type(e).__name__}: {e}")
-        if verdict.kind == "ok":
-          try:
-            samples = self.backend.parse(call, verdict.body)
-          except (tb.MalformedResponse, AttributeError, TypeError, KeyError, ValueError) as e:
-            verdict = tb.Verdict("retry", f"malformed answer: {e}")
-          else:
-            self._account(call, samples, time.perf_counter() - first_t)
-            return samples, verdict
-      finally:
-        if self.budget_usd is not None:
-          await self._release(est_cost)
-      if verdict.rate_limited:
-        self._on_rate_limited(verdict)
-      if verdict.kind == "halt":
-        if not (probing and verdict.capability):
-          self._halt = self._halt or verdict.reason
-          log.error("teacher halted: %s", verdict.reason)
-        return fail(verdict.reason), verdict
-      if verdict.kind == "fatal":
-        return fail(verdict.reason), verdict
-      if attempt < self.max_retries:
-        await asyncio.sleep(self._backoff(attempt, verdict.retry_after_s))
-    return fail(f"gave up after {self.max_retries + 1} attempts; last: {verdict.reason}"), verdict
+        async with self._session.post(
+          self.backend.base_url + call.path, data=flight.data, headers=self._headers
+        ) as resp:
+          raw = await resp.read()
+        verdict = self.backend.classify(resp.status, resp.headers, raw)
+      except TimeoutError:
+        stats.timeouts += 1
+        verdict = tb.Verdict("retry", f"timeout: no full answer within timeout_s={self.timeout_s}")
+      except aiohttp.ClientError as e:
+        verdict = tb.Verdict("retry", f"connection error: {type(e).__name__}: {e}")
+      if verdict.kind == "ok":
+        try:
+          samples = self.backend.parse(call, verdict.body)
+        except (tb.MalformedResponse, AttributeError, TypeError, KeyError, ValueError) as e:
+          verdict = tb.Verdict("retry", f"malformed answer: {e}")
+        else:
+          self._account(call, samples, time.perf_counter() - flight.first_t)
+          return self._finish(flight, samples, verdict)
+    finally:
+      if budget:
+        await self._release(est_cost)
+    flight.verdict = verdict
+    if verdict.rate_limited:
+      self._on_rate_limited(verdict)
+    if verdict.kind == "halt":
+      if not (flight.waiter is not None and verdict.capability):
+        self._halt = self._halt or verdict.reason
+        log.error("teacher halted: %s", verdict.reason)
+      return self._finish(flight, self._failed(flight, verdict.reason), verdict)
+    if verdict.kind == "fatal":
+      return self._finish(flight, self._failed(flight, verdict.reason), verdict)
+    if flight.attempt >= self.max_retries:
+      reason = f"gave up after {flight.attempt + 1} attempts; last: {verdict.reason}"
+      return self._finish(flight, self._failed(flight, reason), verdict)
+    flight.attempt += 1
+    # The worker moves on; the retry re-enters the queue after its backoff.
+    loop.call_later(
+      self._backoff(flight.attempt - 1, verdict.retry_after_s), self._enqueue, [flight]
+    )
 
   def _backoff(self, attempt: int, retry_after: float | None) -> float:
     base, cap = self._o["backoff_base_s"], self._o["backoff_cap_s"]
@@ -622,6 +672,12 @@ class TeacherClient:
     if self._rates["output_tpm"]:
       self._rates["output_tpm"].refund(call.max_tokens_out - t_out)
 
+  async def _probe_once(self, req: TeacherRequest):
+    flight = _Flight(self.backend.pack([(0, req, range(req.num_samples))])[0], None)
+    flight.waiter = self._loop.create_future()
+    self._enqueue([flight])
+    return await flight.waiter
+
   async def _snapshot(self, reset: bool) -> dict[str, float]:
     s = self._stats
     if reset:
@@ -643,6 +699,7 @@ class TeacherClient:
     return dict(self._totals)
 
   async def _shutdown(self):
+    self._queue.clear()
     for t in list(self._tasks):
       t.cancel()
     await asyncio.gather(*self._tasks, return_exceptions=True)

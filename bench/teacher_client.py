@@ -1,0 +1,207 @@
+"""Benchmark: TeacherClient against plain aiohttp on a local fake teacher that answers instantly.
+
+Reports continuations/s at concurrency 64 and 256, with 0% and 10% faults, disk cache off/on, and
+the latency one request adds (concurrency 1). The servers run in separate processes; measurements
+of both sides are interleaved (the CPUs are shared). Last line of --quick:
+`client_overhead_ratio=<ours / plain aiohttp time, cache off, concurrency 64>`.
+
+  python bench/teacher_client.py --quick
+"""
+
+import argparse
+import asyncio
+import concurrent.futures
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import aiohttp
+
+from omniopd_jax import teacher_client as tc
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TIMEOUT_S = 0.5  # the fault server hangs 0.3 s on "timeout" faults... then answers 504
+
+
+def start_server(fault_rate: float) -> tuple[subprocess.Popen, str]:
+  proc = subprocess.Popen(
+    [
+      sys.executable,
+      os.path.join(ROOT, "tests", "fake_teacher_servers.py"),
+      "--fault-rate",
+      str(fault_rate),
+    ],
+    stdout=subprocess.PIPE,
+    text=True,
+  )
+  line = proc.stdout.readline().strip()
+  if not line.startswith("PORT="):
+    proc.kill()
+    raise RuntimeError(f"fake teacher server did not start: {line!r}")
+  return proc, f"http://127.0.0.1:{line[5:]}/v1"
+
+
+def prompts(n: int, tag: str) -> list[str]:
+  return [f"Question {tag}-{i}: what is {i} + {i}?\nAnswer: {i} + {i} =" for i in range(n)]
+
+
+async def _plain(url: str, texts: list[str], conc: int) -> tuple[float, int]:
+  """Plain aiohttp: one POST per continuation, bounded concurrency, naive retry of failures."""
+  sem = asyncio.Semaphore(conc)
+  timeout = aiohttp.ClientTimeout(total=TIMEOUT_S)
+  async with aiohttp.ClientSession(
+    connector=aiohttp.TCPConnector(limit=conc), timeout=timeout
+  ) as session:
+
+    async def one(text: str) -> bool:
+      payload = {"model": "m", "prompt": text, "n": 1, "max_tokens": 16, "temperature": 1.0}
+      async with sem:
+        for _ in range(10):
+          try:
+            async with session.post(url + "/completions", json=payload) as resp:
+              if resp.status == 200:
+                body = await resp.json()
+                if isinstance(body.get("choices"), list) and body["choices"][0]["text"]:
+                  return True
+          except (aiohttp.ClientError, TimeoutError, ValueError, KeyError):
+            pass
+        return False
+
+    t0 = time.perf_counter()
+    ok = await asyncio.gather(*(one(t) for t in texts))
+    return time.perf_counter() - t0, sum(ok)
+
+
+def plain(url: str, texts: list[str], conc: int) -> tuple[float, int]:
+  return asyncio.run(_plain(url, texts, conc))
+
+
+def make_client(url: str, conc: int, cache_dir: str | None = None) -> tc.TeacherClient:
+  return tc.TeacherClient.from_config(
+    dict(backend="openai_completions", base_url=url, model="m", max_in_flight=conc, max_retries=9,
+         timeout_s=TIMEOUT_S, cache_dir=cache_dir, prompts_per_request=1, max_tokens=16,
+         backoff_base_s=0.001, backoff_cap_s=0.01, storm_pause_s=0.01, max_retry_wait_s=0.01)
+  )  # fmt: skip
+
+
+def ours(client: tc.TeacherClient, texts: list[str]) -> tuple[float, int]:
+  reqs = [tc.TeacherRequest(key=str(i), prefix_text=t, num_samples=1) for i, t in enumerate(texts)]
+  t0 = time.perf_counter()
+  futures = client.submit(reqs)
+  concurrent.futures.wait(futures)
+  dt = time.perf_counter() - t0
+  return dt, sum(s.ok for f in futures for s in f.result())
+
+
+def latency(url: str, texts: list[str]) -> tuple[float, float]:
+  """p50 seconds of one request at concurrency 1: (plain, ours)."""
+
+  async def seq():
+    async with aiohttp.ClientSession() as session:
+      out = []
+      for t in texts:
+        t0 = time.perf_counter()
+        async with session.post(
+          url + "/completions", json={"model": "m", "prompt": t, "max_tokens": 16}
+        ) as r:
+          await r.json()
+        out.append(time.perf_counter() - t0)
+      return out
+
+  p = asyncio.run(seq())
+  with make_client(url, 1) as client:
+    o = []
+    for i, t in enumerate(texts):
+      t0 = time.perf_counter()
+      client.submit([tc.TeacherRequest(key=str(i), prefix_text=t)])[0].result()
+      o.append(time.perf_counter() - t0)
+  return statistics.median(p), statistics.median(o)
+
+
+def compare(url: str, n: int, conc: int, rounds: int, tag: str) -> dict[str, float]:
+  """Interleaved rounds of plain / ours (cache off); medians of the times."""
+  tp, to, cp, co = [], [], [], []
+  ok_p = ok_o = 0
+  with make_client(url, conc) as client:
+    ours(client, prompts(min(n, 200), f"warm{tag}"))  # connections and code paths warm
+    plain(url, prompts(min(n, 200), f"warmp{tag}"), conc)
+    for r in range(rounds):
+      texts = prompts(n, f"{tag}{r}")
+      sides = [("p", plain), ("o", None)] if r % 2 == 0 else [("o", None), ("p", plain)]
+      for side, _ in sides:
+        c0 = time.process_time()  # CPU of this process, all threads: less noisy than wall time
+        if side == "p":
+          dt, ok = plain(url, texts, conc)
+          tp.append(dt)
+          cp.append(time.process_time() - c0)
+          ok_p += ok
+        else:
+          dt, ok = ours(client, texts)
+          to.append(dt)
+          co.append(time.process_time() - c0)
+          ok_o += ok
+  mp, mo = statistics.median(tp), statistics.median(to)
+  cpu = statistics.median(co) / statistics.median(cp)
+  return {"plain_cps": n / mp, "ours_cps": n / mo, "ratio": mo / mp, "cpu_ratio": cpu, "ok_plain": ok_p / (n * rounds),
+          "ok_ours": ok_o / (n * rounds)}  # fmt: skip
+
+
+def cache_runs(url: str, n: int, conc: int) -> tuple[float, float]:
+  """Continuations/s with the disk cache on: cold (misses, writes) and warm (all hits)."""
+  with tempfile.TemporaryDirectory() as d, make_client(url, conc, cache_dir=d) as client:
+    texts = prompts(n, "cache")
+    cold, _ = ours(client, texts)
+    client.flush()
+    warm, ok = ours(client, texts)
+    assert client.metrics()["teacher/cache_hits"] == n == ok
+  return n / cold, n / warm
+
+
+def main():
+  parser = argparse.ArgumentParser(
+    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+  )
+  parser.add_argument("--quick", action="store_true", help="concurrency 64 only, under a minute")
+  parser.add_argument("--n", type=int, default=None, help="continuations per measurement")
+  parser.add_argument("--rounds", type=int, default=None)
+  args = parser.parse_args()
+  n = args.n or (2000 if args.quick else 5000)
+  rounds = args.rounds or (5 if args.quick else 7)
+  concs = (64,) if args.quick else (64, 256)
+  clean, clean_url = start_server(0.0)
+  faulty, faulty_url = start_server(0.1)
+  try:
+    print(f"fake teacher: openai_completions, n=1, {n} continuations x {rounds} interleaved rounds")
+    header = f"{'setting':34s} {'plain cont/s':>12s} {'ours cont/s':>12s} {'ours/plain time':>16s}"
+    print(header)
+    headline = None
+    for conc in concs:
+      r = compare(clean_url, n, conc, rounds, f"c{conc}")
+      headline = headline or r["ratio"]
+      print(
+        f"{f'concurrency {conc}, no faults':34s} {r['plain_cps']:12.0f} {r['ours_cps']:12.0f} {r['ratio']:16.3f}   cpu ratio {r['cpu_ratio']:.3f}"
+      )
+      f = compare(faulty_url, n // 2, conc, max(3, rounds // 2), f"f{conc}")
+      print(
+        f"{f'concurrency {conc}, 10% faults':34s} {f['plain_cps']:12.0f} {f['ours_cps']:12.0f} {f['ratio']:16.3f}   cpu ratio {f['cpu_ratio']:.3f}"
+        f"   ok: plain {f['ok_plain']:.3f} ours {f['ok_ours']:.3f}"
+      )
+      cold, warm = cache_runs(clean_url, n, conc)
+      print(f"{f'concurrency {conc}, cache on: cold':34s} {'':12s} {cold:12.0f}")
+      print(f"{f'concurrency {conc}, cache on: warm (hits)':34s} {'':12s} {warm:12.0f}")
+    p50_plain, p50_ours = latency(clean_url, prompts(200 if args.quick else 500, "lat"))
+    print(
+      f"latency at concurrency 1 (p50): plain {p50_plain * 1e6:.0f} us, ours {p50_ours * 1e6:.0f} us, "
+      f"added {(p50_ours - p50_plain) * 1e6:.0f} us"
+    )
+    print(f"client_overhead_ratio={headline:.3f}")
+  finally:
+    clean.kill()
+    faulty.kill()
+
+
+if __name__ == "__main__":
+  main()
