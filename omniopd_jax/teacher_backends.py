@@ -149,8 +149,10 @@ def error_message(body: Any, raw: bytes) -> str:
     if isinstance(err, dict):
       msg = err.get("message") or err.get("type") or err.get("status")
       details = err.get("details")
-      if isinstance(details, dict) and details.get("error_code"):
-        msg = f"{msg} ({details['error_code']})"
+      codes = [err.get("code"), details.get("error_code") if isinstance(details, dict) else None]
+      codes = [str(c) for c in codes if isinstance(c, str) and c and c not in str(msg)]
+      if codes:
+        msg = f"{msg} ({', '.join(codes)})"
       if msg:
         return str(msg)[:500]
     elif isinstance(err, str):
