@@ -1,0 +1,219 @@
+"""OmniOPD on math prompts with verifiable answers.
+
+  python -m omniopd_jax.main --config=configs/math.py --workdir=/tmp/opd \
+      --config.model.student_path=/ckpt/qwen3-1.7b --config.teacher.base_url=http://127.0.0.1:8000
+  python -m omniopd_jax.main --config=configs/math.py:smoke --workdir=/tmp/smoke   # CPU, seconds
+  python -m omniopd_jax.main --config=configs/math.py:demo --workdir=/tmp/demo     # CPU, ~15 min
+  python -m omniopd_jax.main --config=configs/math.py:anthropic ...   # Claude Haiku 4.5 teacher
+  python -m omniopd_jax.main --config=configs/math.py:gemini ...      # Gemini 2.5 Flash teacher
+  python -m omniopd_jax.main --config=configs/math.py:pod ...         # TPU pod / multi-node GPU
+
+Variants are branches of this one function; combine them with commas (`:smoke,method=grpo` is not
+supported: override fields with `--config.method=grpo` instead). Unknown keys are errors.
+"""
+
+import ml_collections
+
+from omniopd_jax import sharding
+
+VARIANTS = ("default", "smoke", "demo", "anthropic", "gemini", "pod")
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  variants = [v.strip() for v in (arg or "default").split(",") if v.strip()]
+  for v in variants:
+    if v not in VARIANTS:
+      raise ValueError(f"unknown config variant {v!r}: choose from {VARIANTS}")
+
+  c = ml_collections.ConfigDict()
+  c.variant = ",".join(variants)
+  c.method = "omniopd"  # omniopd | opd | grpo | sft
+  c.seed = 0  # every random choice (init, data order, sampling) derives from it
+  c.num_steps = 1000  # optimizer steps
+  c.batch_size = 64  # prompts per step, global (split over processes and the batch mesh axes)
+  c.micro_batches = 1  # gradient accumulation: the batch is split into this many slices
+  c.one_step_off = False  # overlap the teacher of step t+1 with the update of step t (off-policy)
+  c.checkpoint_every = 50  # steps between Orbax checkpoints (one is always written at the end)
+  c.keep_checkpoints = 3  # how many checkpoints to keep
+  c.eval_every = 100  # steps between held-out evaluations (0: only before and after)
+  c.log_every = 1  # steps between progress lines / metric writes
+  c.num_text_samples = 3  # (prompt, student chunk, teacher chunks, pi_hat) examples per log
+  c.max_prompt_len = 256  # prompts are left-truncated to this many tokens
+
+  c.model = ml_collections.ConfigDict()
+  c.model.student_path = ""  # HF dir of the student base (also the frozen KL anchor)
+  c.model.dtype = "float32"  # compute dtype: float32 | bfloat16
+  c.model.param_dtype = "float32"  # trained parameter dtype
+  c.model.base_dtype = "float32"  # frozen base copy; bfloat16 halves its memory
+  c.model.tokenizer_path = ""  # defaults to student_path
+
+  c.rollout = ml_collections.ConfigDict()
+  c.rollout.max_new_tokens = 1024  # response length cap (L)
+  c.rollout.temperature = 1.0  # SPEC: on-policy samples at temperature 1
+  c.rollout.top_p = 1.0
+  c.rollout.top_k = 0
+
+  c.omniopd = ml_collections.ConfigDict()
+  c.omniopd.num_forks = 10  # M: chunk audits per response
+  c.omniopd.chunk_len = 50  # C: tokens per audited chunk
+  c.omniopd.num_teacher_samples = 10  # N: teacher Monte Carlo continuations per fork
+  c.omniopd.alpha = 1.0  # Dirichlet prior strength, centred on the student's own pi_bar
+  c.omniopd.beta = 0.1  # KL(base || student) weight on unaudited tokens
+  c.omniopd.weight_form = "pi_hat"  # pi_hat | centered | group
+  c.omniopd.num_drafts = 4  # K drafts per fork for weight_form=group (own chunk included)
+  c.omniopd.use_prior = True  # False: ablation pi_hat = k / n_valid
+  c.omniopd.kl_anchor = True  # False: ablation without the KL term
+  c.omniopd.fork_method = "peak"  # peak (highest entropy) | random (ablation)
+  c.omniopd.reduction = "sequence_sum"  # sequence_sum (divided by norm_constant) | token_mean
+  c.omniopd.norm_constant = 0.0  # 0: use rollout.max_new_tokens
+
+  c.scoring = ml_collections.ConfigDict()
+  c.scoring.phi = "embedding"  # embedding | edit | rouge1
+  c.scoring.embedding_backend = (
+    "flax"  # flax (our encoder, on the accelerator) | sentence_transformers
+  )
+  c.scoring.encoder_path = ""  # sentence-transformers dir; "" = the offline all-MiniLM-L6-v2
+
+  c.teacher = ml_collections.ConfigDict()
+  c.teacher.backend = "openai_completions"  # openai_completions | openai_chat | anthropic | gemini
+  c.teacher.base_url = "http://127.0.0.1:8000"  # vLLM / SGLang / omniopd_jax.serve
+  c.teacher.model = "teacher"  # model name sent to the API
+  c.teacher.api_key_env = ""  # NAME of the env var holding the key (the key itself never here)
+  c.teacher.prompt_format = "text"  # text | token_ids (same-tokenizer servers only)
+  c.teacher.max_in_flight = 64  # concurrent HTTP requests
+  c.teacher.rpm = 0  # requests per minute cap (0: none)
+  c.teacher.input_tpm = 0  # input tokens per minute cap (0: none)
+  c.teacher.output_tpm = 0  # output tokens per minute cap (0: none)
+  c.teacher.max_retries = 6  # per request, transient failures only
+  c.teacher.timeout_s = 120.0  # per HTTP request
+  c.teacher.cache_dir = ""  # disk cache of continuations ("" = <workdir>/teacher_cache)
+  c.teacher.price_in_per_mtok = 0.0  # USD per million input tokens
+  c.teacher.price_out_per_mtok = 0.0  # USD per million output tokens
+  c.teacher.budget_usd = 0.0  # stop cleanly (checkpoint) when spent (0: no cap)
+  c.teacher.allow_approximate = False  # allow the "instructed" chat mode (no true prefill)
+  c.teacher.temperature = 1.0  # Monte Carlo samples
+  c.teacher.max_tokens = 0  # 0: omniopd.chunk_len (teacher tokens, its own tokenizer)
+
+  c.opd = ml_collections.ConfigDict()
+  c.opd.estimator = "sampled"  # sampled (log-ratio on own tokens) | full_vocab
+  c.opd.teacher_path = ""  # HF dir of a same-tokenizer teacher (in process)
+
+  c.grpo = ml_collections.ConfigDict()
+  c.grpo.group_size = 8  # samples per prompt (batch_size counts samples)
+  c.grpo.clip_eps = 0.2
+  c.grpo.beta = 0.04  # KL anchor weight
+
+  c.sft = ml_collections.ConfigDict()
+  c.sft.source = "reference"  # reference (dataset solutions) | teacher (teacher-written)
+
+  c.optimizer = ml_collections.ConfigDict()
+  c.optimizer.learning_rate = 1e-6  # peak; on-policy methods are very learning-rate sensitive
+  c.optimizer.warmup_steps = 10
+  c.optimizer.min_lr_ratio = 0.1  # cosine decays to learning_rate * min_lr_ratio
+  c.optimizer.weight_decay = 0.0
+  c.optimizer.b1 = 0.9
+  c.optimizer.b2 = 0.95
+  c.optimizer.grad_clip = 1.0  # global-norm clipping (0: off)
+
+  c.mesh = [("data", -1), ("fsdp", 1), ("tensor", 1)]  # axis sizes; -1 takes the rest
+  c.sharding_rules = [(k, v) for k, v in sharding.DEFAULT_RULES]  # logical -> mesh axes
+
+  c.data = ml_collections.ConfigDict()
+  c.data.source = "reasoning_gym"  # reasoning_gym | jsonl | parquet | tfds
+  c.data.tasks = ["chain_sum"]  # reasoning-gym task names
+  c.data.task_kwargs = {}  # per-task difficulty kwargs, e.g. {"chain_sum": {"max_terms": 4}}
+  c.data.size = 100000  # procedural examples in the training set
+  c.data.eval_size = 256  # held-out examples (different seed)
+  c.data.path = ""  # jsonl / parquet file
+  c.data.question_field = "question"
+  c.data.answer_field = "answer"
+  c.data.tfds_name = "gsm8k"
+  c.data.tfds_data_dir = ""
+  c.data.system_prompt = ""
+  c.data.instruction = ""  # appended to each question
+
+  c.eval = ml_collections.ConfigDict()
+  c.eval.num_examples = 256
+  c.eval.num_samples = 1  # > 1 adds pass@k and maj@k
+  c.eval.temperature = 1.0  # for the sampled metrics (pass@1 is greedy)
+  c.eval.max_new_tokens = 0  # 0: rollout.max_new_tokens
+  c.eval.batch_size = 64
+
+  c.smoke_serve_teacher = False  # smoke/demo: start our own teacher server when base_url is ""
+
+  if "smoke" in variants:
+    _smoke(c)
+  if "demo" in variants:
+    _demo(c)
+  if "anthropic" in variants:
+    c.teacher.update(
+      backend="anthropic",
+      base_url="https://api.anthropic.com",
+      model="claude-haiku-4-5",
+      api_key_env="ANTHROPIC_API_KEY",
+      max_in_flight=32,
+      rpm=50,
+      price_in_per_mtok=1.0,
+      price_out_per_mtok=5.0,
+      budget_usd=50.0,
+    )
+  if "gemini" in variants:
+    c.teacher.update(
+      backend="gemini",
+      base_url="https://generativelanguage.googleapis.com",
+      model="gemini-2.5-flash",
+      api_key_env="GEMINI_API_KEY",
+      max_in_flight=32,
+      rpm=1000,
+      price_in_per_mtok=0.30,
+      price_out_per_mtok=2.50,
+      budget_usd=50.0,
+    )
+  if "pod" in variants:
+    c.batch_size = 256
+    c.model.dtype = "bfloat16"
+    c.model.base_dtype = "bfloat16"
+    c.mesh = [("data", 1), ("fsdp", -1), ("tensor", 1)]
+  c.lock()
+  return c
+
+
+def _smoke(c):
+  """Tiny, CPU, seconds; builds its own student and teacher and serves the teacher itself."""
+  c.num_steps = 4
+  c.batch_size = 8
+  c.checkpoint_every = 2
+  c.eval_every = 0
+  c.max_prompt_len = 64
+  c.model.student_path = ""  # built in <workdir>/models by omniopd_jax.demo_models
+  c.rollout.max_new_tokens = 32
+  c.omniopd.update(num_forks=2, chunk_len=8, num_teacher_samples=3)
+  c.scoring.phi = "edit"
+  c.teacher.base_url = ""  # "": start omniopd_jax.serve on the smoke teacher
+  c.smoke_serve_teacher = True
+  c.data.task_kwargs = {
+    "chain_sum": {"min_terms": 2, "max_terms": 3, "min_digits": 1, "max_digits": 2}
+  }
+  c.data.size = 1000
+  c.data.eval_size = 16
+  c.eval.num_examples = 16
+  c.eval.batch_size = 16
+  c.optimizer.learning_rate = 1e-4
+  c.optimizer.warmup_steps = 1
+
+
+def _demo(c):
+  """The README's first command: a real end-to-end run on the 2-core CPU in under 15 minutes."""
+  _smoke(c)
+  c.num_steps = 60
+  c.batch_size = 32
+  c.checkpoint_every = 20
+  c.eval_every = 20
+  c.rollout.max_new_tokens = 64
+  c.omniopd.update(num_forks=3, chunk_len=8, num_teacher_samples=4, weight_form="centered")
+  c.scoring.phi = "embedding"
+  c.scoring.embedding_backend = "sentence_transformers"
+  c.data.eval_size = 128
+  c.eval.num_examples = 128
+  c.eval.batch_size = 64
+  c.optimizer.learning_rate = 3e-4
