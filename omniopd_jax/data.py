@@ -32,7 +32,7 @@ def default_config() -> ml_collections.ConfigDict:
     {"chain_sum": {"min_terms": 3, "max_terms": 4, "min_digits": 1, "max_digits": 2}}
   )
   c.size = 10_000  # distinct procedural training problems (one epoch)
-  c.seed = 0  # generator seed of the training problems; held-out ones use seed + 1
+  c.seed = 0  # generator seed of the training problems; held-out ones use seed + size onwards
   # local files (jsonl / parquet)
   c.train_path = ""  # JSONL or Parquet file of training problems
   c.eval_path = ""  # held-out file; "" holds out the last eval_size rows of train_path
@@ -87,7 +87,8 @@ def _make_example(question, answer, task, metadata, cfg) -> Example:
 
 
 def _task_list(cfg) -> list[str]:
-  tasks = [t.strip() for t in str(cfg.tasks).split(",") if t.strip()]
+  names = cfg.tasks.split(",") if isinstance(cfg.tasks, str) else list(cfg.tasks)
+  tasks = [t.strip() for t in names if t.strip()]
   if not tasks:
     raise ValueError("data.tasks is empty: name at least one reasoning-gym task, e.g. 'chain_sum'")
   from omniopd_jax import grading
@@ -116,7 +117,8 @@ def _reasoning_gym_dataset(cfg, size: int, seed: int):
     return reasoning_gym.create_dataset(
       tasks[0], size=size, seed=seed, **_task_kwargs(cfg, tasks[0])
     )
-  weights = [float(w) for w in str(cfg.task_weights).split(",") if w.strip()] or [1.0] * len(tasks)
+  weights = cfg.task_weights.split(",") if isinstance(cfg.task_weights, str) else cfg.task_weights
+  weights = [float(w) for w in weights if str(w).strip()] or [1.0] * len(tasks)
   if len(weights) != len(tasks):
     raise ValueError(f"data.task_weights has {len(weights)} weights for {len(tasks)} tasks")
   specs = [
@@ -136,12 +138,14 @@ def _rg_example(cfg) -> Callable[[dict], Example]:
 
 
 def _reasoning_gym_eval(cfg) -> list[Example]:
-  """eval_size problems from the seed + 1 generator that are not among the training problems."""
+  """eval_size problems from unused generator seeds that are not among the training problems."""
   train_questions = {item["question"] for item in _reasoning_gym_dataset(cfg, cfg.size, cfg.seed)}
   want = cfg.eval_size or 1000
   convert = _rg_example(cfg)
   out, seen = [], set()
-  dataset = _reasoning_gym_dataset(cfg, max(4 * want, 64), cfg.seed + 1)
+  # Problem i of a reasoning-gym dataset comes from Random(seed + i): seed + size starts the
+  # first generator stream that the training problems did not use.
+  dataset = _reasoning_gym_dataset(cfg, max(4 * want, 64), cfg.seed + cfg.size)
   for item in dataset:
     if item["question"] not in train_questions and item["question"] not in seen:
       seen.add(item["question"])

@@ -164,15 +164,18 @@ def sft_examples(data_cfg, tokenizer, n: int, seed: int) -> list[tuple[list[int]
     raise ValueError("the tokenizer has no eos_token: responses must end in one")
   held_out = {example["question"] for example in data.load_examples(data_cfg, "eval")}
   cfg = data_cfg.copy_and_resolve_references()
-  cfg.size = n + len(held_out)  # enough even if every held-out problem comes up again
   cfg.seed = seed
+  cfg.size = 2 * n
+  while True:  # grow the generated set until n problems remain outside the held-out split
+    kept = [ex for ex in data.load_examples(cfg, "train") if ex["question"] not in held_out]
+    if len(kept) >= n or cfg.size >= 64 * n:
+      break
+    cfg.size *= 4
+  if len(kept) < n:
+    raise ValueError(f"only {len(kept)} of {cfg.size} problems are outside the held-out split")
   pairs = []
-  for example in data.load_examples(cfg, "train"):
-    if example["question"] in held_out:
-      continue
+  for example in kept[:n]:
     prompt_ids, _ = data.render_prompt(tokenizer, example["question"], data_cfg)
     response = tokenizer.encode(worked_solution(example), add_special_tokens=False)
     pairs.append((prompt_ids, [*response, tokenizer.eos_token_id]))
-    if len(pairs) == n:
-      break
   return pairs
