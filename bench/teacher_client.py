@@ -122,17 +122,17 @@ def latency(url: str, texts: list[str]) -> tuple[float, float]:
 
 
 def compare(url: str, n: int, conc: int, rounds: int, tag: str) -> dict[str, float]:
-  """Interleaved rounds of plain / ours (cache off); medians of the times."""
+  """Interleaved rounds of plain / ours (cache off). The ratio is the median of per-round paired
+  ratios (each pair runs back to back, so slow drifts in the machine's load cancel)."""
   tp, to, cp, co = [], [], [], []
   ok_p = ok_o = 0
   with make_client(url, conc) as client:
-    ours(client, prompts(min(n, 200), f"warm{tag}"))  # connections and code paths warm
-    plain(url, prompts(min(n, 200), f"warmp{tag}"), conc)
+    ours(client, prompts(min(n, 300), f"warm{tag}"))  # connections and code paths warm
+    plain(url, prompts(min(n, 300), f"warmp{tag}"), conc)
     for r in range(rounds):
       texts = prompts(n, f"{tag}{r}")
-      sides = [("p", plain), ("o", None)] if r % 2 == 0 else [("o", None), ("p", plain)]
-      for side, _ in sides:
-        c0 = time.process_time()  # CPU of this process, all threads: less noisy than wall time
+      for side in ("p", "o") if r % 2 == 0 else ("o", "p"):
+        c0 = time.process_time()  # CPU of this process, all threads
         if side == "p":
           dt, ok = plain(url, texts, conc)
           tp.append(dt)
@@ -143,10 +143,10 @@ def compare(url: str, n: int, conc: int, rounds: int, tag: str) -> dict[str, flo
           to.append(dt)
           co.append(time.process_time() - c0)
           ok_o += ok
-  mp, mo = statistics.median(tp), statistics.median(to)
-  cpu = statistics.median(co) / statistics.median(cp)
-  return {"plain_cps": n / mp, "ours_cps": n / mo, "ratio": mo / mp, "cpu_ratio": cpu, "ok_plain": ok_p / (n * rounds),
-          "ok_ours": ok_o / (n * rounds)}  # fmt: skip
+  ratio = statistics.median(o / p for o, p in zip(to, tp))
+  cpu = statistics.median(o / p for o, p in zip(co, cp))
+  return {"plain_cps": n / statistics.median(tp), "ours_cps": n / statistics.median(to), "ratio": ratio,
+          "cpu_ratio": cpu, "ok_plain": ok_p / (n * rounds), "ok_ours": ok_o / (n * rounds)}  # fmt: skip
 
 
 def cache_runs(url: str, n: int, conc: int) -> tuple[float, float]:
@@ -168,8 +168,8 @@ def main():
   parser.add_argument("--n", type=int, default=None, help="continuations per measurement")
   parser.add_argument("--rounds", type=int, default=None)
   args = parser.parse_args()
-  n = args.n or (2000 if args.quick else 5000)
-  rounds = args.rounds or (5 if args.quick else 7)
+  n = args.n or (500 if args.quick else 2000)
+  rounds = args.rounds or (21 if args.quick else 15)
   concs = (64,) if args.quick else (64, 256)
   clean, clean_url = start_server(0.0)
   faulty, faulty_url = start_server(0.1)

@@ -95,7 +95,7 @@ class HttpCall:
   context: tuple = ()  # per-prompt data parse() needs (stripped whitespace, prefix text)
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
+@dataclasses.dataclass(slots=True)
 class Verdict:
   """How the client should treat one HTTP answer.
 
@@ -304,28 +304,28 @@ class Backend:
     req0, idx0 = runs[0][1], runs[0][2]
     n = len(idx0)
     seed = None if req0.seed is None else (req0.seed + 7919 * idx0[0]) % (2**31 - 1)
-    slots = [(item_id, i) for item_id, _, idxs in runs for i in idxs]
-    reqs = [r for _, r, _ in runs]
-    est_in = sum(
-      len(r.prefix_token_ids)
-      if r.prefix_token_ids is not None
-      else estimate_tokens(r.prefix_text) + estimate_tokens(r.problem) + estimate_tokens(r.system)
-      for r in reqs
-    )
+    if len(runs) == 1:
+      slots = [(runs[0][0], i) for i in idx0]
+      reqs = [req0]
+    else:
+      slots = [(item_id, i) for item_id, _, idxs in runs for i in idxs]
+      reqs = [r for _, r, _ in runs]
+    est_in = 0
+    for r in reqs:
+      if r.prefix_token_ids is not None:
+        est_in += len(r.prefix_token_ids)
+      else:
+        est_in += (
+          estimate_tokens(r.prefix_text) + estimate_tokens(r.problem) + estimate_tokens(r.system)
+        )
     # APIs without `n` get one call per sample, each billed for the whole prompt.
-    est_in *= 1 if self.caps.samples_per_request > 1 else n
+    if self.caps.samples_per_request == 1:
+      est_in *= n
     payload, path, context = self.build(reqs, n, seed)
     if self.extra_body:
       payload.update(self.extra_body)
     return HttpCall(
-      path=path,
-      payload=payload,
-      slots=slots,
-      n=n,
-      est_tokens_in=est_in,
-      max_tokens_out=req0.max_tokens * n * len(runs),
-      mode=self.mode,
-      context=context,
+      path, payload, slots, n, est_in, req0.max_tokens * len(slots), self.mode, context
     )
 
   def build(self, reqs: list[TeacherRequest], n: int, seed: int | None) -> tuple[dict, str, tuple]:
@@ -339,7 +339,8 @@ class Backend:
   def classify(self, status: int, headers: Mapping[str, str], raw: bytes) -> Verdict:
     """Sorts an HTTP answer into ok / retry / fatal / halt, with a reason a human can act on."""
     try:
-      body = json.loads(raw) if raw else None
+      # From str: json.loads(bytes) first runs a pure-Python encoding sniff.
+      body = json.loads(raw.decode("utf-8", "replace")) if raw else None
     except ValueError:
       body = None
     if status == 200:
@@ -442,8 +443,13 @@ class OpenAICompletions(Backend):
     choices = body.get("choices")
     if not isinstance(choices, list):
       raise MalformedResponse("no `choices` list")
-    by_index = {c.get("index", j): c for j, c in enumerate(choices) if isinstance(c, dict)}
     usage = body.get("usage") or {}
+    if len(call.slots) == 1 and len(choices) == 1 and isinstance(choices[0], dict):  # fast path
+      c = choices[0]
+      ids = c.get("token_ids")
+      return [_sample(c.get("text"), c.get("finish_reason"), call.mode, usage.get("prompt_tokens", 0),
+                      usage.get("completion_tokens", 0), ids)]  # fmt: skip
+    by_index = {c.get("index", j): c for j, c in enumerate(choices) if isinstance(c, dict)}
     ordered = [by_index.get(j) for j in range(len(call.slots))]
     outs = [
       len(c["token_ids"]) if c and isinstance(c.get("token_ids"), list) else -1 for c in ordered
@@ -700,8 +706,16 @@ BACKENDS: dict[str, type[Backend]] = {
 }
 
 
+def register_backend(cls: type[Backend]) -> type[Backend]:
+  """Adds a backend (e.g. `local`, the in-process sampler). A backend without HTTP defines
+  `async send(call, data) -> (status, headers, body_bytes)` and speaks its own wire format there;
+  the client's retries, accounting and cache then work unchanged."""
+  BACKENDS[cls.name] = cls
+  return cls
+
+
 def make_backend(name: str, **kwargs) -> Backend:
-  """Builds a backend by config name; `local` (in-process sampler) is registered elsewhere."""
+  """Builds a backend by config name (`local` is added with register_backend)."""
   if name not in BACKENDS:
     raise ValueError(f"unknown teacher backend {name!r}; choose one of {sorted(BACKENDS)}.")
   return BACKENDS[name](**kwargs)

@@ -225,6 +225,9 @@ class TeacherClient:
       k: TokenBucket(o[k], o["rate_burst_s"]) if o[k] else None
       for k in ("rpm", "input_tpm", "output_tpm")
     }
+    self._paced = any(self._rates.values())
+    self._send = getattr(backend, "send", None)
+    self._base_url = backend.base_url
     self._cache = None
     if o["cache_dir"]:
       self._cache = DiskCache(o["cache_dir"], f"{backend.name}|{backend.model}|{backend.mode}")
@@ -440,8 +443,9 @@ class TeacherClient:
   async def _open(self):
     connector = aiohttp.TCPConnector(limit=self.max_in_flight, limit_per_host=0)
     timeout = aiohttp.ClientTimeout(total=self.timeout_s, sock_connect=min(10.0, self.timeout_s))
-    self._session = aiohttp.ClientSession(connector=connector, timeout=timeout)
-    self._headers = {"Content-Type": "application/json", **self.backend.auth_headers()}
+    # Headers (and the key) live on the session: no per-request header merge.
+    headers = {"Content-Type": "application/json", **self.backend.auth_headers()}
+    self._session = aiohttp.ClientSession(connector=connector, timeout=timeout, headers=headers)
     self._budget_cv = asyncio.Condition()
 
   def _start_jobs(self, jobs: list[_Job]) -> None:
@@ -562,21 +566,23 @@ class TeacherClient:
     call, loop = flight.call, self._loop
     if self._halt:
       return self._finish(flight, self._failed(flight, self._halt), flight.verdict)
-    while (wait := self._gate_until - loop.time()) > 0:  # a shared pause after 429s
-      await asyncio.sleep(wait)
+    if self._gate_until:  # a shared pause after 429s
+      while (wait := self._gate_until - loop.time()) > 0:
+        await asyncio.sleep(wait)
     budget = self.budget_usd is not None
     if budget:
       est_cost = call.est_tokens_in * self.price_in + call.max_tokens_out * self.price_out
       if not await self._reserve(est_cost):
         return self._finish(flight, self._failed(flight, self._halt), flight.verdict)
     try:
-      rates = self._rates
-      if rates["rpm"]:
-        await rates["rpm"].acquire(1)
-      if rates["input_tpm"]:
-        await rates["input_tpm"].acquire(call.est_tokens_in)
-      if rates["output_tpm"]:
-        await rates["output_tpm"].acquire(call.max_tokens_out)
+      if self._paced:
+        rates = self._rates
+        if rates["rpm"]:
+          await rates["rpm"].acquire(1)
+        if rates["input_tpm"]:
+          await rates["input_tpm"].acquire(call.est_tokens_in)
+        if rates["output_tpm"]:
+          await rates["output_tpm"].acquire(call.max_tokens_out)
       stats = self._stats
       stats.requests += 1
       self._totals["requests"] += 1
@@ -585,11 +591,13 @@ class TeacherClient:
       t0 = time.perf_counter()
       flight.first_t = flight.first_t or t0
       try:
-        async with self._session.post(
-          self.backend.base_url + call.path, data=flight.data, headers=self._headers
-        ) as resp:
-          raw = await resp.read()
-        verdict = self.backend.classify(resp.status, resp.headers, raw)
+        if self._send is not None:  # an in-process backend (`local`): same protocol, no HTTP
+          status, headers, raw = await self._send(call, flight.data)
+        else:
+          async with self._session.post(self._base_url + call.path, data=flight.data) as resp:
+            raw = await resp.read()
+          status, headers = resp.status, resp.headers
+        verdict = self.backend.classify(status, headers, raw)
       except TimeoutError:
         stats.timeouts += 1
         verdict = tb.Verdict("retry", f"timeout: no full answer within timeout_s={self.timeout_s}")
@@ -654,8 +662,13 @@ class TeacherClient:
       log.warning("teacher: 429/529 storm, pausing all requests for %.2fs", pause)
 
   def _account(self, call: tb.HttpCall, samples: list[Sample], latency: float) -> None:
-    t_in = sum(s.tokens_in for s in samples)
-    t_out = sum(s.tokens_out for s in samples)
+    if len(samples) == 1:
+      t_in, t_out = samples[0].tokens_in, samples[0].tokens_out
+    else:
+      t_in = t_out = 0
+      for s in samples:
+        t_in += s.tokens_in
+        t_out += s.tokens_out
     cost = t_in * self.price_in + t_out * self.price_out
     st, tot = self._stats, self._totals
     st.tokens_in += t_in
@@ -667,10 +680,11 @@ class TeacherClient:
     tot["cost_usd"] += cost
     tot["samples"] += len(samples)
     self._storms = 0
-    if self._rates["input_tpm"]:  # reconcile the up-front estimates with the reported usage
-      self._rates["input_tpm"].refund(call.est_tokens_in - t_in)
-    if self._rates["output_tpm"]:
-      self._rates["output_tpm"].refund(call.max_tokens_out - t_out)
+    if self._paced:  # reconcile the up-front estimates with the reported usage
+      if self._rates["input_tpm"]:
+        self._rates["input_tpm"].refund(call.est_tokens_in - t_in)
+      if self._rates["output_tpm"]:
+        self._rates["output_tpm"].refund(call.max_tokens_out - t_out)
 
   async def _probe_once(self, req: TeacherRequest):
     flight = _Flight(self.backend.pack([(0, req, range(req.num_samples))])[0], None)
@@ -692,7 +706,7 @@ class TeacherClient:
       "teacher/cost_usd": s.cost_usd, "teacher/cost_usd_total": self._totals["cost_usd"],
       "teacher/samples_ok": s.samples_ok, "teacher/samples_failed": s.samples_failed,
       "teacher/cache_hits": s.cache_hits, "teacher/approximate": float(self.backend.approximate),
-      "teacher/in_flight_requests": len(self._pending),
+      "teacher/pending_forks": len(self._pending),
     }  # fmt: skip
 
   async def _totals_copy(self):
