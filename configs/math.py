@@ -14,7 +14,7 @@ supported: override fields with `--config.method=grpo` instead). Unknown keys ar
 
 import ml_collections
 
-from omniopd_jax import sharding
+from omniopd_jax import data, evaluate, sharding
 
 VARIANTS = ("default", "smoke", "demo", "anthropic", "gemini", "pod")
 
@@ -118,26 +118,19 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.mesh = [("data", -1), ("fsdp", 1), ("tensor", 1)]  # axis sizes; -1 takes the rest
   c.sharding_rules = [(k, v) for k, v in sharding.DEFAULT_RULES]  # logical -> mesh axes
 
-  c.data = ml_collections.ConfigDict()
-  c.data.source = "reasoning_gym"  # reasoning_gym | jsonl | parquet | tfds
-  c.data.tasks = ["chain_sum"]  # reasoning-gym task names
-  c.data.task_kwargs = {}  # per-task difficulty kwargs, e.g. {"chain_sum": {"max_terms": 4}}
-  c.data.size = 100000  # procedural examples in the training set
-  c.data.eval_size = 256  # held-out examples (different seed)
-  c.data.path = ""  # jsonl / parquet file
-  c.data.question_field = "question"
-  c.data.answer_field = "answer"
-  c.data.tfds_name = "gsm8k"
-  c.data.tfds_data_dir = ""
-  c.data.system_prompt = ""
-  c.data.instruction = ""  # appended to each question
+  c.data = data.default_config()  # prompts: reasoning-gym / JSONL / Parquet / TFDS (see data.py)
+  c.data.tasks = "chain_sum"
+  c.eval = evaluate.default_config()  # held-out evaluation (see evaluate.py)
+  del c.eval["every"]  # the cadence is the top-level eval_every
 
-  c.eval = ml_collections.ConfigDict()
-  c.eval.num_examples = 256
-  c.eval.num_samples = 1  # > 1 adds pass@k and maj@k
-  c.eval.temperature = 1.0  # for the sampled metrics (pass@1 is greedy)
-  c.eval.max_new_tokens = 0  # 0: rollout.max_new_tokens
-  c.eval.batch_size = 64
+  # :demo only: how its teacher and student base are trained in-project (demo_models.py).
+  c.demo = ml_collections.ConfigDict()
+  c.demo.teacher_examples = 4000  # worked chain-sum solutions to train on
+  c.demo.teacher_steps = 1200
+  c.demo.student_steps = 150  # far fewer: a weak but not hopeless base
+  c.demo.sft_batch_size = 32
+  c.demo.teacher_lr = 2e-3
+  c.demo.student_lr = 1e-3
 
   c.smoke_serve_teacher = False  # smoke/demo: start our own teacher server when base_url is ""
 
@@ -184,17 +177,18 @@ def _smoke(c):
   c.batch_size = 8
   c.checkpoint_every = 2
   c.eval_every = 0
-  c.max_prompt_len = 64
   c.model.student_path = ""  # built in <workdir>/models by omniopd_jax.demo_models
   c.rollout.max_new_tokens = 32
   c.omniopd.update(num_forks=2, chunk_len=8, num_teacher_samples=3)
   c.scoring.phi = "edit"
   c.teacher.base_url = ""  # "": start omniopd_jax.serve on the smoke teacher
   c.smoke_serve_teacher = True
+  c.max_prompt_len = 96
+  c.data.instruction = ""  # character-level models: keep prompts short
   c.data.task_kwargs = {
     "chain_sum": {"min_terms": 2, "max_terms": 3, "min_digits": 1, "max_digits": 2}
   }
-  c.data.size = 1000
+  c.data.size = 2000
   c.data.eval_size = 16
   c.eval.num_examples = 16
   c.eval.batch_size = 16

@@ -44,13 +44,15 @@ def format_eta(seconds: float) -> str:
 class MetricsWriter:
   """Writes scalars to <workdir>/metrics.jsonl and TensorBoard, texts to samples.jsonl."""
 
-  def __init__(self, workdir: str, *, num_steps: int, enabled: bool = True, stream=None):
+  def __init__(
+    self, workdir: str, *, num_steps: int, start_step: int = 0, enabled: bool = True, stream=None
+  ):
     self.enabled = enabled
     self.num_steps = num_steps
     self.stream = stream or sys.stdout
     self.pending: tuple[int, dict, dict] | None = None
     self.start_time = time.time()
-    self.start_step: int | None = None
+    self.start_step = start_step
     self.last: dict[str, float] = {}
     if not enabled:
       return
@@ -95,8 +97,6 @@ class MetricsWriter:
 
   def progress(self, step: int, extra: str = ""):
     """One line: step, main metrics, ETA."""
-    if self.start_step is None:
-      self.start_step, self.start_time = step - 1, time.time()
     done = step - self.start_step
     rate = (time.time() - self.start_time) / max(done, 1)
     parts = [f"step {step}/{self.num_steps}"]
