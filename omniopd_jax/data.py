@@ -69,16 +69,12 @@ def _answer_field(cfg) -> str:
   return "short_answer" if cfg.source == "tfds" and cfg.tfds_name == "gsm8k" else "answer"
 
 
-def _json_safe(value):
-  return json.loads(json.dumps(value, default=str))
-
-
 def _make_example(question, answer, task, metadata, cfg) -> Example:
-  if isinstance(question, bytes):  # TFDS text features come back as bytes
-    question = question.decode("utf-8")
-  if isinstance(answer, bytes):
-    answer = answer.decode("utf-8")
-  answer = str(answer).strip()
+  # TFDS text features come back as bytes.
+  question, answer = (
+    v.decode("utf-8") if isinstance(v, bytes) else str(v) for v in (question, answer)
+  )
+  answer = answer.strip()
   if cfg.extract_gold:
     from omniopd_jax import grading
 
@@ -113,6 +109,11 @@ def _reasoning_gym_dataset(cfg, size: int, seed: int):
   from reasoning_gym import composite
 
   tasks = _task_list(cfg)
+  for task in tasks:  # reasoning-gym checks its kwargs with TypeError / assert: say where they are
+    try:
+      reasoning_gym.create_dataset(task, size=1, seed=0, **_task_kwargs(cfg, task))
+    except (TypeError, AssertionError, ValueError) as e:
+      raise ValueError(f"data.task_kwargs.{task} is not valid for reasoning-gym: {e}") from e
   if len(tasks) == 1:
     return reasoning_gym.create_dataset(
       tasks[0], size=size, seed=seed, **_task_kwargs(cfg, tasks[0])
@@ -130,7 +131,7 @@ def _reasoning_gym_dataset(cfg, size: int, seed: int):
 
 def _rg_example(cfg) -> Callable[[dict], Example]:
   def convert(item):
-    metadata = _json_safe(item.get("metadata", {}))
+    metadata = json.loads(json.dumps(item.get("metadata", {}), default=str))  # tuples -> lists
     task = metadata.get("source_dataset") or _task_list(cfg)[0]
     return _make_example(item["question"], item["answer"], task, metadata, cfg)
 

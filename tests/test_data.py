@@ -75,6 +75,10 @@ def test_reasoning_gym_composite():
     data.load_examples(_rg_config(tasks="chain_sum,products", task_weights="1"), "train")
   with pytest.raises(ValueError, match="not reasoning-gym tasks"):
     data.load_examples(_rg_config(tasks="chain_summ"), "train")
+  bad = _rg_config()
+  bad.task_kwargs = {"chain_sum": {"max_term": 4}}
+  with pytest.raises(ValueError, match=r"data.task_kwargs.chain_sum is not valid.*max_term"):
+    data.load_examples(bad, "train")
 
 
 def test_jsonl_and_parquet_sources(tmp_path):
