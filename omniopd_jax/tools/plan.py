@@ -1,0 +1,443 @@
+"""Memory planner: per-device bytes of a training config on a mesh, from abstract shapes only.
+
+  python -m omniopd_jax.tools.plan --config=configs/math.py:pod --preset=qwen3-1.7b \
+      --mesh=data:1,fsdp:8,tensor:1 --accelerator=v5e
+  python -m omniopd_jax.tools.plan --config=configs/math.py --model_config=/ckpt/qwen3/config.json \
+      --mesh=data:1,fsdp:1,tensor:1 --accelerator=H100 --config.micro_batches=8
+
+Nothing is allocated and no device is needed: parameters come from `nnx.eval_shape` of the real
+model, optimizer state from `jax.eval_shape` of the real optimizer (train_step.make_optimizer) on
+those parameters, and per-device sizes from the real PartitionSpecs (train_step.state_shardings,
+sharding.logical_to_spec) on a `jax.sharding.AbstractMesh`, so a v5p-256 plan runs on a laptop.
+
+What is counted, per device (b = rollout rows per device, u = update rows per device per
+micro-batch, P = bucketed max_prompt_len, L = rollout.max_new_tokens, T = P + L - 1, n = layers,
+E/F/D = hidden/ffn/head dims, H/K/V = query heads, kv heads, vocab per device after tensor
+sharding, c = compute-dtype bytes):
+  resident (the whole run)
+    trainable parameters   exact, param_dtype
+    optimizer state        exact (AdamW mu, nu and step counts)
+    frozen base parameters exact, base_dtype; only when the method has a KL anchor
+  rollout phase (the sampler's jitted program; freed before the update)
+    KV cache               b x (P + L) x n x 2 x K x D x c, for the largest of: training rollouts
+                           (batch_size rows), eval (eval.batch_size rows), group drafts
+                           (batch_size x num_forks x num_drafts rows, prefix P + L, + chunk_len)
+    rollout temporaries    b x (2 x V + H x P x (P + L)) x 4: float32 logits and log-softmax of one
+                           decode step, and one layer's float32 prefill attention scores
+  update phase (the jitted train step)
+    gradients              exact, param_dtype; x2 with micro_batches > 1 (the scan's accumulator)
+    logits                 u x L x V x 4 x (3 + 2 if base + 2 if in-process teacher): float32
+                           logits, log-softmax and their gradient; base/teacher logits and log-softmax
+    layer activations      n x u x T x [(4E + 3HD + 3KD + 4F) x c + H x T x (4 + c)]: what each
+                           layer saves for the backward pass without remat (residual, two norm
+                           outputs, q/k before and after RoPE, v, attention output, gate, up, silu,
+                           product; float32 scores and probabilities in c)
+  peak = resident + max(rollout phase, update phase)
+The activation lines are estimates: XLA fuses some of these buffers and adds temporaries of its own
+(all-gathered FSDP weights, collectives), which the headroom (default 10%) is meant to cover.
+"""
+
+import dataclasses
+import functools
+import json
+import math
+import os
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from absl import app, flags
+from flax import nnx
+from ml_collections import config_flags
+
+from omniopd_jax import hf, model, sampler, sharding, train_step
+
+GIB = 1024**3
+
+# HBM per chip (per GPU), GiB.
+HBM_GIB = {"v5e": 16, "v5p": 95, "v6e": 32, "H100": 80, "H200": 141}
+
+# transformers config.json fields of the real checkpoints (the architecture numbers only).
+PRESETS = {
+  "qwen3-1.7b": dict(
+    model_type="qwen3", vocab_size=151936, hidden_size=2048, intermediate_size=6144,
+    num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=8, head_dim=128,
+    tie_word_embeddings=True, rope_theta=1000000.0, rms_norm_eps=1e-6,
+    max_position_embeddings=40960,
+  ),
+  "qwen3-0.6b": dict(
+    model_type="qwen3", vocab_size=151936, hidden_size=1024, intermediate_size=3072,
+    num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=8, head_dim=128,
+    tie_word_embeddings=True, rope_theta=1000000.0, rms_norm_eps=1e-6,
+    max_position_embeddings=40960,
+  ),
+  "llama3.2-1b": dict(
+    model_type="llama", vocab_size=128256, hidden_size=2048, intermediate_size=8192,
+    num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8, head_dim=64,
+    tie_word_embeddings=True, rms_norm_eps=1e-5, max_position_embeddings=131072,
+    rope_scaling=dict(rope_type="llama3", rope_theta=500000.0, factor=32.0, low_freq_factor=1.0,
+                      high_freq_factor=4.0, original_max_position_embeddings=8192),
+  ),
+  "smollm2-135m": dict(
+    model_type="llama", vocab_size=49152, hidden_size=576, intermediate_size=1536,
+    num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3, head_dim=64,
+    tie_word_embeddings=True, rope_theta=100000.0, rms_norm_eps=1e-5,
+    max_position_embeddings=8192,
+  ),
+}  # fmt: skip
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "configs/math.py[:variant]")
+_MESH = flags.DEFINE_string(
+  "mesh", "", "e.g. data:1,fsdp:8,tensor:1 (missing axes: 1); '' = config"
+)
+_NUM_DEVICES = flags.DEFINE_integer("num_devices", 0, "device count that a -1 mesh axis fills")
+_ACCELERATOR = flags.DEFINE_enum("accelerator", None, list(HBM_GIB), "chip to check the plan on")
+_MODEL_CONFIG = flags.DEFINE_string("model_config", "", "HF config.json (or its directory)")
+_PRESET = flags.DEFINE_enum("preset", None, list(PRESETS), "a known architecture")
+_HEADROOM = flags.DEFINE_float("headroom", 0.1, "fraction of HBM kept free for XLA temporaries")
+_JSON = flags.DEFINE_bool("json", False, "print the plan as JSON (bytes per line) instead")
+
+
+@dataclasses.dataclass(frozen=True)
+class Line:
+  name: str  # stable key, e.g. "params"
+  label: str  # what is printed
+  phase: str  # resident | rollout | update
+  bytes: int  # per device
+  formula: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+  lines: tuple[Line, ...]
+  mesh: dict[str, int]
+  model: model.ModelConfig
+  notes: tuple[str, ...] = ()
+
+  def __getitem__(self, name: str) -> int:
+    return sum(line.bytes for line in self.lines if line.name == name)
+
+  def phase(self, phase: str) -> int:
+    """Bytes of one phase; for rollout, the largest of its alternatives (train, eval, drafts)."""
+    if phase == "rollout":
+      temps = self["rollout_temporaries"]
+      kv = [line.bytes for line in self.lines if line.name.startswith("kv_cache")]
+      return max(kv, default=0) + temps
+    return sum(line.bytes for line in self.lines if line.phase == phase)
+
+  @property
+  def peak(self) -> int:
+    return self.phase("resident") + max(self.phase("rollout"), self.phase("update"))
+
+
+def parse_mesh(text: str, num_devices: int = 0) -> dict[str, int]:
+  """'data:1,fsdp:8' -> {'data': 1, 'fsdp': 8, 'tensor': 1}; one size may be -1 (num_devices)."""
+  sizes = dict.fromkeys(sharding.MESH_AXES, 1)
+  for part in filter(None, (p.strip() for p in text.split(","))):
+    name, _, size = part.partition(":")
+    if name not in sizes or not size.lstrip("-").isdigit():
+      raise ValueError(
+        f"bad mesh entry {part!r} in {text!r}: write axis:size with axes {sharding.MESH_AXES}, "
+        "e.g. --mesh=data:1,fsdp:8,tensor:1"
+      )
+    sizes[name] = int(size)
+  return _resolve(sizes, num_devices)
+
+
+def _resolve(sizes: dict[str, int], num_devices: int) -> dict[str, int]:
+  unknown = [a for a, s in sizes.items() if s == -1]
+  if len(unknown) > 1 or any(s == 0 or s < -1 for s in sizes.values()):
+    raise ValueError(f"mesh {sizes}: sizes must be >= 1, with at most one -1")
+  if unknown:
+    known = math.prod(s for s in sizes.values() if s != -1)
+    if num_devices <= 0 or num_devices % known:
+      raise ValueError(
+        f"mesh {sizes} has a -1 axis: pass --num_devices (a multiple of {known}) or give every "
+        "axis a size, e.g. --mesh=data:1,fsdp:8,tensor:1"
+      )
+    sizes[unknown[0]] = num_devices // known
+  return sizes
+
+
+def abstract_mesh(mesh_sizes: dict[str, int]) -> jax.sharding.AbstractMesh:
+  """A device-free mesh of the given axis sizes: shardings and shard shapes, no devices needed."""
+  return jax.sharding.AbstractMesh(
+    tuple(mesh_sizes[a] for a in sharding.MESH_AXES), sharding.MESH_AXES
+  )
+
+
+def model_config(config, preset: str | None = None, config_path: str = "") -> model.ModelConfig:
+  """The architecture: --model_config, else --preset, else config.model.student_path."""
+  if config_path:
+    path = os.path.join(config_path, "config.json") if os.path.isdir(config_path) else config_path
+    if not os.path.exists(path):
+      raise FileNotFoundError(f"--model_config={config_path!r}: no config.json there")
+    with open(path) as f:
+      return hf.config_from_hf(json.load(f))
+  if preset:
+    if preset not in PRESETS:
+      raise ValueError(f"unknown preset {preset!r}: choose from {sorted(PRESETS)}")
+    return hf.config_from_hf(PRESETS[preset])
+  if config.model.student_path:
+    return hf.config_from_hf(hf.read_hf_config(config.model.student_path))
+  raise ValueError(
+    "no model architecture: pass --preset (one of " + ", ".join(PRESETS) + "), "
+    "--model_config=path/to/config.json, or set --config.model.student_path"
+  )
+
+
+def _shard_bytes(shape, dtype, spec_or_sharding, mesh) -> int:
+  s = spec_or_sharding
+  if not isinstance(s, jax.sharding.NamedSharding):
+    s = jax.sharding.NamedSharding(mesh, s)
+  return math.prod(s.shard_shape(tuple(shape))) * jnp.dtype(dtype).itemsize
+
+
+def _tree_bytes(tree, shardings, mesh, dtype=None) -> int:
+  leaves, specs = jax.tree.leaves(tree), jax.tree.leaves(shardings)
+  assert len(leaves) == len(specs), (len(leaves), len(specs))
+  return sum(_shard_bytes(x.shape, dtype or x.dtype, s, mesh) for x, s in zip(leaves, specs))
+
+
+@functools.lru_cache(maxsize=32)
+def _state_bytes(cfg, dtype, param_dtype, base_dtype, opt_items, num_steps, mesh_items, rules):
+  """(parameter count, per-device bytes of params, optimizer state, base) from abstract shapes."""
+  mesh = abstract_mesh(dict(mesh_items))
+  abstract = model.abstract_model(cfg, jnp.dtype(dtype), jnp.dtype(param_dtype))
+  params = nnx.state(abstract, nnx.Param)
+  tx = train_step.make_optimizer(ml_collections.ConfigDict(dict(opt_items)), num_steps)
+  state = jax.eval_shape(lambda p: train_step.init_state(p, tx, 0), params)
+  shardings = train_step.state_shardings(state, mesh, rules)
+  return (
+    sum(math.prod(x.shape) for x in jax.tree.leaves(state.params)),
+    _tree_bytes(state.params, shardings.params, mesh),
+    _tree_bytes(state.opt_state, shardings.opt_state, mesh),
+    _tree_bytes(state.params, shardings.params, mesh, base_dtype),
+  )
+
+
+def _per_device(n: int, axes, mesh) -> int:
+  """Size of a dimension of n split over mesh `axes` (when it divides, as logical_to_spec does)."""
+  k = math.prod(mesh.shape[a] for a in axes)
+  return n // k if n % k == 0 else n
+
+
+def plan(config, cfg: model.ModelConfig, mesh_sizes: dict[str, int]) -> Plan:
+  """The per-device memory plan of `config` for architecture `cfg` on a mesh of `mesh_sizes`."""
+  mesh = abstract_mesh(mesh_sizes)
+  rules = tuple((k, tuple(v) if isinstance(v, list) else v) for k, v in config.sharding_rules)
+  table = dict(rules)
+  dtype = jnp.dtype(config.model.dtype)
+  c = dtype.itemsize
+
+  # Resident: the train state (exactly as train_step builds and shards it) and the frozen base.
+  pdt, bdt = config.model.param_dtype, config.model.base_dtype
+  opt = tuple(sorted(config.optimizer.to_dict().items()))
+  num_params, param_bytes, opt_bytes, base_bytes = _state_bytes(
+    cfg, str(dtype), pdt, bdt, opt, config.num_steps, tuple(mesh_sizes.items()), rules
+  )
+  use_base = train_step.needs_base(config)
+  base_bytes = base_bytes if use_base else 0
+  lines = [
+    Line("params", f"trainable parameters ({pdt})", "resident", param_bytes,
+         f"{num_params:,} parameters, sharded by their logical axes"),
+    Line("optimizer", "optimizer state (AdamW mu, nu)", "resident", opt_bytes,
+         "jax.eval_shape(tx.init) on the abstract parameters"),
+    Line("base", f"frozen base parameters ({bdt})", "resident", base_bytes,
+         "KL anchor" if use_base else "not needed: this method has no KL anchor"),
+  ]  # fmt: skip
+
+  # Rollout phase: the KV cache laid out as the sampler lays it out.
+  row_axes = [a for a in sampler.rows_axes(mesh, rules) if mesh.shape[a] > 1]
+  n_rows = math.prod(mesh.shape[a] for a in row_axes)
+  prompt = sampler.bucket(config.max_prompt_len, sampler.PROMPT_BUCKETS)
+  length = config.rollout.max_new_tokens
+  kv, d, n = cfg.num_key_value_heads, cfg.dim_per_head, cfg.num_hidden_layers
+  axes = lambda name: [a for a in _targets(table, name) if mesh.shape[a] > 1]
+  vocab_dev = _per_device(cfg.vocab_size, axes("vocab"), mesh)
+  heads_dev = _per_device(cfg.num_attention_heads, axes("heads"), mesh)
+  kv_dev = _per_device(kv, axes("kv_heads"), mesh)
+  ffn_dev = _per_device(cfg.intermediate_size, axes("mlp"), mesh)
+
+  def kv_line(name, label, rows, slots, prefill):
+    padded = sampler.bucket(rows, sampler.BATCH_BUCKETS, n_rows)
+    spec = sharding.logical_to_spec(
+      ("batch", None, "kv_heads", "head_dim"), (padded, slots, kv, d), mesh, rules
+    )
+    per_layer = _shard_bytes((padded, slots, kv, d), dtype, spec, mesh)
+    b = padded // n_rows
+    formula = f"{b} rows x {slots} slots x {n} layers x 2 x {kv_dev} kv heads x {d} x {c} B"
+    temps = b * (2 * vocab_dev + heads_dev * prefill * slots) * 4
+    return Line(name, label, "rollout", 2 * n * per_layer, formula), temps
+
+  candidates = []
+  if config.method != "sft":
+    candidates.append(kv_line("kv_cache", "KV cache, training rollouts", config.batch_size,
+                              prompt + length, prompt))  # fmt: skip
+  eval_len = config.eval.max_new_tokens or length
+  candidates.append(kv_line("kv_cache_eval", "KV cache, eval rollouts", config.eval.batch_size,
+                            prompt + eval_len, prompt))  # fmt: skip
+  if config.method == "omniopd" and config.omniopd.weight_form == "group":
+    o = config.omniopd
+    prefix = sampler.bucket(prompt + length, sampler.PROMPT_BUCKETS)
+    candidates.append(kv_line(
+      "kv_cache_drafts", "KV cache, group drafts (all at once)",
+      config.batch_size * o.num_forks * o.num_drafts, prefix + o.chunk_len, prefix))  # fmt: skip
+  lines += [line for line, _ in candidates]
+  temps = max(t for _, t in candidates)
+  lines.append(Line("rollout_temporaries", "rollout temporaries (float32)", "rollout", temps,
+                    "decode logits + log-softmax, one layer's prefill scores"))  # fmt: skip
+
+  # Update phase: gradients plus the activations one micro-batch saves for the backward pass.
+  micro = max(int(config.micro_batches), 1)
+  grads = param_bytes * (2 if micro > 1 else 1)
+  u = -(-config.batch_size // (n_rows * micro))
+  seq = prompt + length - 1
+  teacher = config.method == "opd" and config.opd.estimator == "full_vocab"
+  n_logits = 3 + 2 * use_base + 2 * teacher
+  logits = n_logits * u * length * vocab_dev * 4
+  e, f = cfg.hidden_size, ffn_dev
+  per_token = (4 * e + 3 * heads_dev * d + 3 * kv_dev * d + 4 * f) * c + heads_dev * seq * (4 + c)
+  layer_acts = n * u * seq * per_token
+  lines += [
+    Line("gradients", f"gradients ({pdt})" + (", with accumulator" if micro > 1 else ""),
+         "update", grads, "like the parameters" + (" x 2" if micro > 1 else "")),
+    Line("logits", "logits, update (float32)", "update", logits,
+         f"{n_logits} x {u} rows x {length} x {vocab_dev} vocab x 4 B"),
+    Line("activations", "layer activations, update (no remat)", "update", layer_acts,
+         f"{n} layers x {u} rows x {seq} tokens x {per_token:,} B"),
+  ]  # fmt: skip
+  notes = []
+  if teacher:
+    notes.append("opd full_vocab: the in-process teacher's parameters are not counted")
+  return Plan(tuple(lines), dict(mesh_sizes), cfg, tuple(notes))
+
+
+def _targets(table, name):
+  target = table.get(name)
+  return (target,) if isinstance(target, str) else tuple(target or ())
+
+
+def fits(peak: int, accelerator: str, headroom: float = 0.1) -> tuple[bool, int]:
+  """(fits, usable bytes): the peak must stay within HBM x (1 - headroom)."""
+  if accelerator not in HBM_GIB:
+    raise ValueError(f"unknown accelerator {accelerator!r}: choose from {sorted(HBM_GIB)}")
+  if not 0.0 <= headroom < 1.0:
+    raise ValueError(f"headroom={headroom} must be in [0, 1)")
+  usable = int(HBM_GIB[accelerator] * GIB * (1.0 - headroom))
+  return peak <= usable, usable
+
+
+def min_micro_batches(config, cfg, mesh_sizes, accelerator, headroom=0.1) -> int | None:
+  """The smallest micro_batches (dividing the batch evenly over the batch axes) that fits."""
+  n_rows = math.prod(mesh_sizes[a] for a in _targets(dict(config.sharding_rules), "batch"))
+  config = config.copy_and_resolve_references()
+  for micro in range(1, config.batch_size + 1):
+    if config.batch_size % micro or (config.batch_size // micro) % n_rows:
+      continue
+    config.micro_batches = micro
+    if fits(plan(config, cfg, mesh_sizes).peak, accelerator, headroom)[0]:
+      return micro
+  return None
+
+
+def _gib(x: int) -> str:
+  return f"{x / GIB:9.2f}"
+
+
+def format_plan(p: Plan, config, accelerator: str | None = None, headroom: float = 0.1) -> str:
+  """The printed report: one line per item, the phases, the peak and the verdict."""
+  m, cfg = p.mesh, p.model
+  devices = math.prod(m.values())
+  out = [
+    f"model  {cfg.architecture}: {cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, "
+    f"heads {cfg.num_attention_heads}/{cfg.num_key_value_heads} kv x {cfg.dim_per_head}, "
+    f"ffn {cfg.intermediate_size}, vocab {cfg.vocab_size}"
+    f"{', tied' if cfg.tie_word_embeddings else ''}; {cfg.num_params() / 1e9:.3f} B parameters",
+    f"mesh   {' '.join(f'{k}={v}' for k, v in m.items())} ({devices} devices); method "
+    f"{config.method}, batch {config.batch_size}, micro_batches {config.micro_batches}, "
+    f"prompt {config.max_prompt_len} + {config.rollout.max_new_tokens} new tokens",
+    f"dtypes params {config.model.param_dtype}, compute {config.model.dtype}, "
+    f"base {config.model.base_dtype}",
+    "",
+    f"{'per device':<44}{'GiB':>9}  formula",
+  ]
+  for phase in ("resident", "rollout", "update"):
+    out.append(f"[{phase}]")
+    for line in p.lines:
+      if line.phase == phase:
+        out.append(f"  {line.label:<42}{_gib(line.bytes)}  {line.formula}")
+  out += [
+    "",
+    f"{'resident (params + optimizer + base)':<44}{_gib(p.phase('resident'))}",
+    f"{'rollout phase (largest KV cache + temps)':<44}{_gib(p.phase('rollout'))}",
+    f"{'update phase (gradients + activations)':<44}{_gib(p.phase('update'))}",
+    f"{'total: peak = resident + max(rollout, update)':<44}{_gib(p.peak)}",
+  ]
+  out += [f"note: {n}" for n in p.notes]
+  if accelerator:
+    ok, usable = fits(p.peak, accelerator, headroom)
+    verdict = "FITS" if ok else "DOES NOT FIT"
+    out.append(
+      f"{accelerator}: {HBM_GIB[accelerator]} GiB HBM per chip, {usable / GIB:.2f} GiB usable "
+      f"with {headroom:.0%} headroom -> {verdict} ({(usable - p.peak) / GIB:+.2f} GiB)"
+    )
+    if accelerator.startswith("H"):
+      out.append(
+        "note: JAX preallocates 75% of GPU memory by default; "
+        "export XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 to use this plan"
+      )
+  return "\n".join(out)
+
+
+def to_json(p: Plan, accelerator: str | None = None, headroom: float = 0.1) -> dict:
+  """The plan as plain data: bytes per line, per phase, the peak and (with an accelerator) fits."""
+  out = {
+    "mesh": p.mesh,
+    "num_params": p.model.num_params(),
+    "lines": {line.name: line.bytes for line in p.lines},
+    "phases": {k: p.phase(k) for k in ("resident", "rollout", "update")},
+    "peak": p.peak,
+  }
+  if accelerator:
+    out["accelerator"] = accelerator
+    out["fits"], out["usable"] = fits(p.peak, accelerator, headroom)
+  return out
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  config, accel, headroom = _CONFIG.value, _ACCELERATOR.value, _HEADROOM.value
+  if config is None:
+    raise app.UsageError("--config is required, e.g. --config=configs/math.py:pod")
+  try:
+    mesh_sizes = (
+      parse_mesh(_MESH.value, _NUM_DEVICES.value)
+      if _MESH.value
+      else _resolve(dict(config.mesh), _NUM_DEVICES.value)
+    )
+    cfg = model_config(config, _PRESET.value, _MODEL_CONFIG.value)
+    p = plan(config, cfg, mesh_sizes)
+  except (ValueError, FileNotFoundError) as e:
+    raise app.UsageError(str(e)) from e
+  if _JSON.value:
+    print(json.dumps(to_json(p, accel, headroom), indent=1))
+    return
+  print(format_plan(p, config, accel, headroom))
+  if accel and not fits(p.peak, accel, headroom)[0]:
+    micro = min_micro_batches(config, cfg, mesh_sizes, accel, headroom)
+    if micro:
+      config = config.copy_and_resolve_references()
+      config.micro_batches = micro
+      peak = plan(config, cfg, mesh_sizes).peak
+      print(f"hint: fits with --config.micro_batches={micro} (peak {peak / GIB:.2f} GiB)")
+    else:
+      print(
+        "hint: does not fit at any micro_batches: add devices (fsdp/tensor), shorten "
+        "rollouts, lower batch_size, or use bfloat16 params/base"
+      )
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,227 @@
+"""tools.plan: per-device bytes against hand computation, real shardings, the fits verdict, CLI."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from configs import math as math_config
+from omniopd_jax import hf, model, sharding, train_step
+from omniopd_jax.tools import plan
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# vocab 256, hidden 64, ffn 128, 2 layers, 4 heads / 2 kv heads of 16, untied, no biases.
+HF_SMALL = dict(
+  model_type="llama", vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+  num_attention_heads=4, num_key_value_heads=2, head_dim=16, tie_word_embeddings=False,
+)  # fmt: skip
+NORMS = 2 * 2 * 64 + 64  # two RMSNorm weights per layer and the final one: replicated
+MATRICES = 256 * 64 * 2 + 2 * (64 * 64 * 2 + 64 * 32 * 2 + 3 * 64 * 128)  # embed, head, layers
+
+
+def small_config(**overrides):
+  c = math_config.get_config("smoke").copy_and_resolve_references()
+  c.batch_size, c.max_prompt_len, c.rollout.max_new_tokens = 16, 64, 32
+  c.eval.batch_size, c.eval.max_new_tokens = 8, 0
+  c.micro_batches = 1
+  c.model.update(dtype="float32", param_dtype="float32", base_dtype="bfloat16")
+  for k, v in overrides.items():
+    target = c
+    *path, last = k.split(".")
+    for p in path:
+      target = target[p]
+    target[last] = v
+  return c
+
+
+def small_model():
+  return hf.config_from_hf(HF_SMALL)
+
+
+def test_small_model_counts():
+  assert small_model().num_params() == MATRICES + NORMS == 106816
+
+
+# (mesh, per-device parameter count, rollout rows per device, kv heads per device), by hand:
+#   fsdp:8 shards every matrix's embed dimension (64 / 8); norms stay whole.
+#   data:2,tensor:4 shards vocab (256/4), heads (4/4) and ffn (128/4) but not the 2 kv heads
+#   (2 % 4 != 0: k/v stay whole), nothing over data; rows split over data only.
+MESHES = [
+  (dict(data=1, fsdp=8, tensor=1), MATRICES // 8 + NORMS, 16 // 8, 2),
+  (
+    dict(data=2, fsdp=1, tensor=4),
+    2 * 256 * 64 // 4 + 2 * (2 * 64 * 64 // 4 + 2 * 64 * 32 + 3 * 64 * 128 // 4) + NORMS,
+    16 // 2,
+    2,
+  ),
+  (dict(data=1, fsdp=2, tensor=2), MATRICES // 4 + NORMS, 16 // 2, 1),
+]
+
+
+@pytest.mark.parametrize("mesh,params_dev,rows,kv_dev", MESHES)
+def test_hand_computation(mesh, params_dev, rows, kv_dev):
+  config = small_config()
+  p = plan.plan(config, small_model(), mesh)
+  assert p["params"] == params_dev * 4  # float32
+  # AdamW: mu and nu like the parameters (float32), plus two int32 step counts (adam, schedule).
+  assert p["optimizer"] == 2 * params_dev * 4 + 2 * 4
+  assert p["base"] == params_dev * 2  # bfloat16
+  assert p["gradients"] == params_dev * 4
+  # KV cache: rows x (prompt 64 + 32 new) x 2 layers x (k, v) x kv heads x 16 x float32.
+  assert p["kv_cache"] == rows * 96 * 2 * 2 * kv_dev * 16 * 4
+  assert p["kv_cache_eval"] == rows // 2 * 96 * 2 * 2 * kv_dev * 16 * 4  # eval batch 8
+  heads_dev, ffn_dev, vocab_dev = (1, 32, 64) if mesh["tensor"] == 4 else (4 // mesh["tensor"],
+    128 // mesh["tensor"], 256 // mesh["tensor"])  # fmt: skip
+  # Update: 5 float32 [u, L, V] buffers (logits, log-softmax, grad; base logits, log-softmax).
+  assert p["logits"] == 5 * rows * 32 * vocab_dev * 4
+  t = 64 + 32 - 1
+  per_token = (4 * 64 + 3 * heads_dev * 16 + 3 * kv_dev * 16 + 4 * ffn_dev) * 4 + heads_dev * t * 8
+  assert p["activations"] == 2 * rows * t * per_token
+  assert p.phase("resident") == params_dev * (4 + 8 + 2) + 8
+  assert p.phase("update") == p["gradients"] + p["logits"] + p["activations"]
+  assert p.peak == p.phase("resident") + max(p.phase("rollout"), p.phase("update"))
+
+
+def test_options_change_the_right_lines():
+  mesh = dict(data=1, fsdp=8, tensor=1)
+  base = plan.plan(small_config(), small_model(), mesh)
+  no_kl = plan.plan(small_config(**{"omniopd.kl_anchor": False}), small_model(), mesh)
+  assert no_kl["base"] == 0 and no_kl["logits"] == base["logits"] * 3 // 5
+  micro = plan.plan(small_config(micro_batches=2), small_model(), mesh)
+  assert micro["gradients"] == 2 * base["gradients"]  # the accumulator
+  assert micro["logits"] * 2 == base["logits"] and micro["activations"] * 2 == base["activations"]
+  bf16 = plan.plan(small_config(**{"model.dtype": "bfloat16"}), small_model(), mesh)
+  assert bf16["kv_cache"] * 2 == base["kv_cache"]
+  sft = plan.plan(small_config(method="sft"), small_model(), mesh)
+  assert sft["kv_cache"] == 0 and sft["kv_cache_eval"] == base["kv_cache_eval"]
+  group = plan.plan(small_config(**{"omniopd.weight_form": "group"}), small_model(), mesh)
+  # 16 x 2 forks x 4 drafts = 128 rows (16 per device), prefix bucket(96) = 96, + chunk 8 slots.
+  assert group["kv_cache_drafts"] == 16 * (96 + 8) * 2 * 2 * 2 * 16 * 4
+
+
+def test_matches_real_sharded_state():
+  """The abstract-mesh plan equals the bytes each of 8 real (CPU) devices holds."""
+  config, cfg = small_config(), small_model()
+  mesh_sizes = dict(data=2, fsdp=2, tensor=2)
+  mesh = sharding.make_mesh(list(mesh_sizes.items()))
+  tx = train_step.make_optimizer(config.optimizer, config.num_steps)
+
+  def init():
+    m = model.CausalLM(cfg, dtype=jnp.float32, param_dtype=jnp.float32, rngs=nnx.Rngs(0))
+    return train_step.init_state(nnx.state(m, nnx.Param), tx, 0)
+
+  abstract = jax.eval_shape(init)
+  shardings = train_step.state_shardings(abstract, mesh)
+  # Zeros placed with the training shardings (no compile needed, unlike a jitted init).
+  leaves, treedef = jax.tree.flatten(abstract)
+  placed = [
+    jax.device_put(np.zeros(x.shape, x.dtype), s)
+    for x, s in zip(leaves, jax.tree.leaves(shardings), strict=True)
+  ]
+  state = jax.tree.unflatten(treedef, placed)
+  device = jax.devices()[0]
+
+  def on_device(tree):
+    return sum(
+      s.data.nbytes
+      for x in jax.tree.leaves(tree)
+      for s in x.addressable_shards
+      if s.device == device
+    )
+
+  p = plan.plan(config, cfg, mesh_sizes)
+  assert p["params"] == on_device(state.params)
+  assert p["optimizer"] == on_device(state.opt_state)
+
+
+def test_fits_verdict():
+  ok, usable = plan.fits(int(16 * plan.GIB * 0.9), "v5e", 0.1)
+  assert ok and usable == int(16 * plan.GIB * 0.9)
+  assert not plan.fits(usable + 1, "v5e", 0.1)[0]
+  assert plan.fits(80 * plan.GIB, "H100", 0.0)[0] and not plan.fits(80 * plan.GIB + 1, "H100", 0)[0]
+  assert plan.fits(plan.plan(small_config(), small_model(), dict(data=1, fsdp=8, tensor=1)).peak,
+                   "v5e")[0]  # fmt: skip
+  with pytest.raises(ValueError, match="choose from"):
+    plan.fits(1, "tpu9000")
+
+
+def test_paper_scale_needs_micro_batches():
+  """Qwen3-1.7B, :pod on one H100: the full update does not fit; micro_batches makes it fit."""
+  config = math_config.get_config("pod")
+  cfg = plan.model_config(config, preset="qwen3-1.7b")
+  one = dict(data=1, fsdp=1, tensor=1)
+  p = plan.plan(config, cfg, one)
+  assert p["params"] == cfg.num_params() * 4 == 1_720_574_976 * 4
+  assert not plan.fits(p.peak, "H100")[0]
+  micro = plan.min_micro_batches(config, cfg, one, "H100")
+  assert micro is not None and config.batch_size % micro == 0
+  fitted = config.copy_and_resolve_references()
+  fitted.micro_batches = micro
+  assert plan.fits(plan.plan(fitted, cfg, one).peak, "H100")[0]
+  smaller = [m for m in range(1, micro) if config.batch_size % m == 0]
+  fitted.micro_batches = smaller[-1]
+  assert not plan.fits(plan.plan(fitted, cfg, one).peak, "H100")[0]
+
+
+def test_presets_match_published_sizes():
+  counts = {k: hf.config_from_hf(v).num_params() for k, v in plan.PRESETS.items()}
+  assert counts["smollm2-135m"] == 134_515_008
+  assert counts["llama3.2-1b"] == 1_235_814_400
+  assert round(counts["qwen3-0.6b"] / 1e9, 2) == 0.60
+  assert round(counts["qwen3-1.7b"] / 1e9, 2) == 1.72
+  q = hf.config_from_hf(plan.PRESETS["qwen3-1.7b"])
+  assert (q.num_hidden_layers, q.hidden_size, q.num_attention_heads) == (28, 2048, 16)
+  assert (q.num_key_value_heads, q.dim_per_head, q.intermediate_size) == (8, 128, 6144)
+  assert q.vocab_size == 151936 and q.tie_word_embeddings and q.qk_norm
+
+
+def test_parse_mesh():
+  assert plan.parse_mesh("fsdp:8") == dict(data=1, fsdp=8, tensor=1)
+  assert plan.parse_mesh("data:2, fsdp:-1", num_devices=16) == dict(data=2, fsdp=8, tensor=1)
+  for bad, match in [("fsdp:-1", "num_devices"), ("pipe:2", "axis:size"), ("fsdp:0", ">= 1")]:
+    with pytest.raises(ValueError, match=match):
+      plan.parse_mesh(bad)
+
+
+def test_model_config_sources(tmp_path):
+  config = small_config()
+  with pytest.raises(ValueError, match="--preset"):
+    plan.model_config(config)
+  (tmp_path / "config.json").write_text(json.dumps(HF_SMALL))
+  assert plan.model_config(config, config_path=str(tmp_path)) == small_model()
+  with pytest.raises(FileNotFoundError, match="no config.json"):
+    plan.model_config(config, config_path=str(tmp_path / "missing"))
+
+
+def test_cli(tmp_path):
+  (tmp_path / "config.json").write_text(json.dumps(HF_SMALL))
+  base = [sys.executable, "-m", "omniopd_jax.tools.plan", "--config=configs/math.py:smoke"]
+  args = ["--config.batch_size=16", "--config.max_prompt_len=64",
+          "--config.rollout.max_new_tokens=32", "--config.eval.batch_size=8",
+          "--config.model.base_dtype=bfloat16", f"--model_config={tmp_path / 'config.json'}",
+          "--mesh=fsdp:8", "--accelerator=v5e"]  # fmt: skip
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  run = lambda extra: subprocess.run(
+    base + args + extra, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
+  )
+  out = run(["--json"])
+  assert out.returncode == 0, out.stderr
+  data = json.loads(out.stdout)
+  assert data["lines"]["params"] == (MATRICES // 8 + NORMS) * 4
+  assert data["lines"]["kv_cache"] == 2 * 96 * 2 * 2 * 2 * 16 * 4
+  assert data["fits"] is True
+  text = run(["--mesh=fsdp:2"])
+  assert text.returncode == 0, text.stderr
+  assert "-> FITS" in text.stdout and "peak = resident + max(rollout, update)" in text.stdout
+  assert "8 rows x 96 slots x 2 layers x 2 x 2 kv heads x 16 x 4 B" in text.stdout
+  assert (
+    data["peak"]
+    == max(data["phases"]["rollout"], data["phases"]["update"]) + data["phases"]["resident"]
+  )
