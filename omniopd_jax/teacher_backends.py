@@ -273,7 +273,11 @@ class Backend:
         f"{self.caps.max_temperature}; lower teacher.temperature."
       )
 
-  def pack(self, items: Sequence[tuple[int, TeacherRequest, Sequence[int]]]) -> list[HttpCall]:
+  def pack(
+    self,
+    items: Sequence[tuple[int, TeacherRequest, Sequence[int]]],
+    prompts_per_request: int | None = None,
+  ) -> list[HttpCall]:
     """Packs (item id, request, sample indices) into HTTP calls by the capabilities.
 
     A request's samples are cut into runs of at most `samples_per_request`; runs with equal
@@ -281,7 +285,7 @@ class Backend:
     A call's seed is derived from its first run's request seed and first sample index, so two
     calls for one prefix never repeat a seed (which would return identical samples).
     """
-    spr, ppr = self.caps.samples_per_request, self.caps.prompts_per_request
+    spr, ppr = self.caps.samples_per_request, prompts_per_request or self.caps.prompts_per_request
     groups: dict[tuple, list[tuple[int, TeacherRequest, list[int]]]] = {}
     calls = []
     for item_id, req, idxs in items:

@@ -553,8 +553,10 @@ class TeacherClient:
       self._stats.samples_failed += 1
     if job.remaining == 0:
       self._pending.discard(job)
-      if not job.future.done():
+      try:
         job.future.set_result(job.samples)
+      except concurrent.futures.InvalidStateError:
+        pass  # the caller cancelled this future
 
   def _finish(self, flight: "_Flight", samples: list[Sample], verdict) -> None:
     if flight.waiter is not None:  # the probe
@@ -640,7 +642,7 @@ class TeacherClient:
       except TimeoutError:
         stats.timeouts += 1
         verdict = tb.Verdict("retry", f"timeout: no full answer within timeout_s={self.timeout_s}")
-      except aiohttp.ClientError as e:
+      except (aiohttp.ClientError, OSError) as e:
         verdict = tb.Verdict("retry", f"connection error: {type(e).__name__}: {e}")
       if verdict.kind == "ok":
         try:
@@ -662,6 +664,14 @@ class TeacherClient:
         log.error("teacher halted: %s", verdict.reason)
       return self._finish(flight, self._failed(flight, verdict.reason), verdict)
     if verdict.kind == "fatal":
+      items = {}
+      for item, index in call.slots:
+        items.setdefault(item, []).append(index)
+      if len(items) > 1 and flight.jobs is not None:
+        # One bad prompt (say, too long) fails a packed call: retry its prompts one per call.
+        runs = [(item, flight.jobs[item].request, idxs) for item, idxs in items.items()]
+        calls = self.backend.pack(runs, prompts_per_request=1)
+        return self._enqueue([_Flight(c, flight.jobs, attempt=flight.attempt) for c in calls])
       return self._finish(flight, self._failed(flight, verdict.reason), verdict)
     if flight.attempt >= self.max_retries:
       reason = f"gave up after {flight.attempt + 1} attempts; last: {verdict.reason}"

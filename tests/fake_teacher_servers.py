@@ -32,7 +32,8 @@ def _json(obj, status=200, headers=None):
 class FakeTeacher:
   """One aiohttp app speaking every wire format, with fault injection and a request log.
 
-  Model names select real-world refusals: anthropic `*-4-6` (no prefill), gemini
+  Model names select real-world refusals: anthropic `*-4-6` (no prefill), `*haiku-5-5` (no
+  temperature), gemini
   `gemini-3.6-flash` (no trailing model turn), `gemini-3.5-flash` (no candidateCount > 1), openai
   chat `gpt-4o` (rejects continue_final_message).
   """
@@ -228,6 +229,10 @@ class FakeTeacher:
       return err("max_tokens: Field required")
     if "temperature" in body and "top_p" in body:
       return err("`temperature` and `top_p` cannot both be specified for this model.")
+    if "haiku-5-5" in model and "temperature" in body:
+      return err(
+        "temperature is not supported for this model. Remove temperature, top_p and top_k."
+      )
     last = messages[-1]
     if last["role"] == "assistant":
       if "4-6" in model:

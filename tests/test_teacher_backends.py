@@ -364,6 +364,9 @@ def test_probe_detects_refusals(server):
   with pytest.raises(tc.TeacherCapabilityError, match="prefill"):
     with _client(server, "anthropic", "claude-sonnet-4-6") as client:
       client.probe()
+  with pytest.raises(tc.TeacherCapabilityError, match="refuses `temperature`"):
+    with _client(server, "anthropic", "claude-haiku-5-5") as client:
+      client.probe()
   with pytest.raises(tc.TeacherCapabilityError, match="prefill"):
     with _client(server, "gemini", "gemini-3.6-flash", "/v1beta") as client:
       client.probe()

@@ -3,6 +3,7 @@ fail-fast, budget cap, disk cache, pacing, 429 storms, metrics and state."""
 
 import collections
 import concurrent.futures
+import json
 import os
 import sys
 import time
@@ -129,13 +130,14 @@ def test_auth_error_fails_fast(server, teacher):
   assert m["teacher/requests"] == len(teacher.log) == 1 and m["teacher/retries"] == 0
 
 
-def test_bad_request_fails_only_its_call(server):
-  with client_for(server, prompts_per_request=1) as client:
+def test_bad_request_fails_only_its_prompt(server, teacher):
+  with client_for(server) as client:  # all four forks packed into one call
     bad, *good = forks(1, 2, "[[fault:400]]", tag="b") + forks(3, 2, tag="g")
     results = client.generate([bad, *good], timeout=10)
     assert client.halted is None and client.metrics()["teacher/retries"] == 0
   assert all(not s.ok and "HTTP 400" in s.error and "too long" in s.error for s in results[0])
   assert all(s.ok for r in results[1:] for s in r)
+  assert len(teacher.log) == 1 + 4  # the packed call, then one call per prompt
 
 
 def test_spend_limit_halts(server):
@@ -287,3 +289,42 @@ def test_config_and_input_errors(server):
       client.submit([tc.TeacherRequest(key="z", prefix_text="x", num_samples=0)])
     with pytest.raises(ValueError, match="prefix"):
       client.submit([tc.TeacherRequest(key="z")])
+
+
+def test_in_process_backend_hook():
+  @tb.register_backend
+  class Echo(tb.OpenAICompletions):
+    """A backend without HTTP, as the `local` sampler backend plugs in."""
+
+    name = "echo_test"
+
+    async def send(self, call, data):
+      if b"[[fault:500]]" in data and not getattr(self, "failed_once", False):
+        self.failed_once = True
+        return 500, {}, b'{"error": {"message": "sampler busy"}}'
+      n = call.n
+      prompts = (
+        call.payload["prompt"]
+        if isinstance(call.payload["prompt"], list)
+        else [call.payload["prompt"]]
+      )
+      choices = [
+        {"index": i, "text": f" echo{i % n}", "finish_reason": "length"}
+        for i in range(len(prompts) * n)
+      ]
+      return (
+        200,
+        {},
+        json.dumps(
+          {"choices": choices, "usage": {"prompt_tokens": 1, "completion_tokens": 2}}
+        ).encode(),
+      )
+
+  client = tc.TeacherClient.from_config(
+    dict(backend="echo_test", base_url="http://unused", model="m", **FAST)
+  )
+  with client:
+    results = client.generate(forks(3, 2, "[[fault:500]]"), timeout=10)
+    m = client.metrics()
+  assert [[s.text for s in r] for r in results] == [[" echo0", " echo1"]] * 3
+  assert m["teacher/retries"] == 1 and m["teacher/tokens_out"] == 2
