@@ -174,7 +174,7 @@ def make_scorer(cfg) -> Scorer:
   if phi != "embedding":
     raise ValueError(f"Unknown phi {phi!r}; choose one of {PHIS}.")
   backend = cfg.get("embedding_backend", "sentence_transformers")
-  path = cfg.get("encoder_path", None)
+  path = cfg.get("encoder_path", None) or None  # "" in a config means the default
   if backend == "sentence_transformers":
     return EmbeddingScorer(
       sentence_transformers_encode_fn(
