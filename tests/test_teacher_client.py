@@ -24,7 +24,7 @@ FAST = dict(
 
 @pytest.fixture
 def teacher():
-  return fts.FakeTeacher(hang_s=0.6, slow_s=0.05, retry_after_ms=150)
+  return fts.FakeTeacher(hang_s=1.6, slow_s=0.05, retry_after_ms=150)
 
 
 @pytest.fixture
@@ -71,7 +71,7 @@ def test_scripted_faults_retried_and_billed_once(server, teacher):
     "[[fault:timeout]]",
   ]
   reqs = [r for i, s in enumerate(scripts) for r in forks(1, 3, s, tag=f"t{i}")]
-  with client_for(server, prompts_per_request=1, timeout_s=0.3, **price) as client:
+  with client_for(server, prompts_per_request=1, timeout_s=1.0, **price) as client:
     results = client.generate(reqs, timeout=30)
     m = client.metrics()
     state = client.state_dict()
@@ -94,10 +94,10 @@ def test_scripted_faults_retried_and_billed_once(server, teacher):
 
 
 def test_random_fault_mix_loses_nothing(server, teacher):
-  teacher.fault_rate, teacher.seed, teacher.hang_s = 0.35, 3, 0.3
+  teacher.fault_rate, teacher.seed, teacher.hang_s = 0.35, 3, 1.5
   reqs = forks(30, 3, tag="r")
   with client_for(
-    server, max_retries=2, timeout_s=0.2, max_in_flight=16, prompts_per_request=2
+    server, max_retries=2, timeout_s=1.0, max_in_flight=16, prompts_per_request=2
   ) as client:
     results = client.generate(reqs, timeout=60)
     m = client.metrics()
