@@ -13,10 +13,9 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-# Result modes. "raw" and "prefill" are exact continuations; "instructed" is approximate (the
-# teacher is asked to continue a text shown in the user turn, so it is not a sample of
-# p_teacher(. | prompt, prefix)).
-EXACT_MODES = ("raw", "prefill")
+# Result modes: "raw" (completions) and "prefill" are exact continuations; "instructed" is
+# approximate (the teacher is asked to continue a text shown in the user turn, so it is not a
+# sample of p_teacher(. | prompt, prefix)).
 INSTRUCTED = "instructed"
 
 
@@ -516,6 +515,7 @@ class OpenAIChat(Backend):
       raise ValueError(f"openai_chat: chat_mode {chat_mode!r} not in {self.chat_modes}.")
     self.chat_mode = chat_mode
     self.mode = INSTRUCTED if chat_mode == INSTRUCTED else "prefill"
+    self.caps = dataclasses.replace(self.caps, prefill=chat_mode != INSTRUCTED)
 
   def default_caps(self) -> Capabilities:
     return Capabilities(16, 1, True, False, True, 2.0)
