@@ -446,12 +446,15 @@ class TeacherClient:
       )
 
   def _resolve(self, r: TeacherRequest) -> TeacherRequest:
-    if r.max_tokens is None or r.temperature is None:
+    """Fills config defaults and normalises types (numpy ids, list stops) on the caller's thread."""
+    ids = r.prefix_token_ids
+    bad_ids = ids is not None and (type(ids) is not tuple or (ids and type(ids[0]) is not int))
+    if r.max_tokens is None or r.temperature is None or bad_ids or type(r.stop) is not tuple:
       r = TeacherRequest(  # positional: a third of dataclasses.replace's cost
-        r.key, r.prefix_text, r.prefix_token_ids, r.num_samples,
-        self.max_tokens if r.max_tokens is None else r.max_tokens,
+        r.key, r.prefix_text, tuple(np.asarray(ids).reshape(-1).tolist()) if bad_ids else ids,
+        r.num_samples, self.max_tokens if r.max_tokens is None else r.max_tokens,
         self.temperature if r.temperature is None else r.temperature,
-        r.seed, r.problem, r.system, r.stop,
+        r.seed, r.problem, r.system, tuple(r.stop),
       )  # fmt: skip
     if r.num_samples < 1 or r.max_tokens < 1 or r.temperature < 0:
       raise ValueError(

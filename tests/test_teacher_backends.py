@@ -7,6 +7,7 @@ import os
 import sys
 import time
 
+import numpy as np
 import pytest
 
 from omniopd_jax import teacher_backends as tb
@@ -351,13 +352,15 @@ def test_wire_format_round_trip(server, backend, model, prefix, auth_header):
 
 
 def test_token_ids_in_and_out(server):
+  ids = np.array([3, 1, 4, 1, 5], np.int32)  # numpy ids from the sampler are accepted
   with _client(server, "openai_completions", "m", extra_body={"return_token_ids": True}) as client:
     (samples,) = client.generate(
-      [req(prefix_token_ids=(3, 1, 4, 1, 5), num_samples=2, max_tokens=4)]
+      [req(prefix_token_ids=ids, num_samples=2, max_tokens=4, stop=["\n\n"])]
     )
   assert [s.token_ids for s in samples] == [(0, 1, 2, 3)] * 2
   assert all("after[5]" in s.text for s in samples)
-  assert json.loads(server.teacher.log[-1]["body"])["prompt"] == [3, 1, 4, 1, 5]
+  body = json.loads(server.teacher.log[-1]["body"])
+  assert body["prompt"] == [3, 1, 4, 1, 5] and body["stop"] == ["\n\n"]
 
 
 def test_probe_detects_refusals(server):
