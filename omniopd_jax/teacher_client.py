@@ -263,7 +263,7 @@ class TeacherClient:
     self._n_workers = self._n_busy = 0
     self._writer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="teacher-cache")
     self._cache_batch: list = []
-    self._closed = False
+    self._closed = self._stopped = False
     self._loop = asyncio.new_event_loop()
     self._thread = threading.Thread(
       target=self._loop.run_forever, name="teacher-client", daemon=True
@@ -408,8 +408,8 @@ class TeacherClient:
     return self._call(self._snapshot(reset))
 
   def state_dict(self) -> dict[str, float]:
-    """Cumulative counters (cost, tokens) for checkpoints."""
-    return dict(self._call(self._totals_copy()))
+    """Cumulative counters (cost, tokens) for checkpoints (also after close())."""
+    return dict(self._totals) if self._stopped else self._call(self._totals_copy())
 
   def load_state_dict(self, state: Mapping[str, float]) -> None:
     async def load():
@@ -427,6 +427,7 @@ class TeacherClient:
     try:
       self._call(self._shutdown(), timeout)
     finally:
+      self._stopped = True
       self._loop.call_soon_threadsafe(self._loop.stop)
       self._thread.join(timeout)
       self._writer.shutdown(wait=True)  # every cache write lands before close() returns
@@ -436,6 +437,9 @@ class TeacherClient:
   # ------------------------------------------------------------------------- caller-thread helpers
 
   def _call(self, coro, timeout: float | None = None):
+    if self._stopped:
+      coro.close()
+      raise RuntimeError("TeacherClient is closed.")
     return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
 
   def _check_mode(self) -> None:

@@ -249,6 +249,10 @@ def test_close_resolves_pending_as_failures(server):
     assert len(samples) == 2 and all("client closed" in s.error for s in samples)
   with pytest.raises(RuntimeError, match="close"):
     client.submit(forks(1))
+  with pytest.raises(RuntimeError, match="closed"):
+    client.metrics()
+  assert client.state_dict()["requests"] >= 1
+  client.close()  # idempotent
 
 
 def test_metrics_reset_and_state_dict(server):
