@@ -17,6 +17,8 @@ from typing import Any
 # approximate (the teacher is asked to continue a text shown in the user turn, so it is not a
 # sample of p_teacher(. | prompt, prefix)).
 INSTRUCTED = "instructed"
+# Error text of a sample the answer left out (the client asks again for just those samples).
+MISSING = "missing from the answer"
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -466,7 +468,7 @@ class OpenAICompletions(Backend):
     samples = []
     for j, c in enumerate(ordered):
       if c is None:
-        samples.append(failure(f"choice {j} missing from the answer", call.mode, ins[j], outs[j]))
+        samples.append(failure(f"choice {j} {MISSING}", call.mode, ins[j], outs[j]))
       else:
         samples.append(
           _sample(
@@ -558,7 +560,7 @@ class OpenAIChat(Backend):
     for j in range(len(call.slots)):
       c = by_index.get(j)
       if c is None:
-        samples.append(failure(f"choice {j} missing from the answer", call.mode, ins[j], outs[j]))
+        samples.append(failure(f"choice {j} {MISSING}", call.mode, ins[j], outs[j]))
         continue
       text = (c.get("message") or {}).get("content")
       if isinstance(text, str) and call.mode == INSTRUCTED:
@@ -689,9 +691,7 @@ class Gemini(Backend):
     for j in range(len(call.slots)):
       c = by_index.get(j)
       if c is None:
-        samples.append(
-          failure(f"candidate {j} missing from the answer", call.mode, ins[j], outs[j])
-        )
+        samples.append(failure(f"candidate {j} {MISSING}", call.mode, ins[j], outs[j]))
         continue
       finish = c.get("finishReason")
       if finish in ("SAFETY", "RECITATION", "BLOCKLIST", "PROHIBITED_CONTENT", "SPII", "OTHER"):

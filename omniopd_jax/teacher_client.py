@@ -573,13 +573,14 @@ class TeacherClient:
     jobs, slots = flight.jobs, flight.call.slots
     if self._cache is not None:  # queued before the futures resolve, so flush() sees them
       writes = [(jobs[item].cache_keys[index], s) for (item, index), s in zip(slots, samples)
-                if s.ok and jobs[item].samples[index] is None]  # fmt: skip
+                if s is not None and s.ok and jobs[item].samples[index] is None]  # fmt: skip
       if writes:
         if not self._cache_batch:  # one insert transaction per loop pass, off the event loop
           self._loop.call_soon(self._flush_cache)
         self._cache_batch.extend(writes)
     for (item, index), s in zip(slots, samples):
-      self._fill(jobs[item], index, s)
+      if s is not None:
+        self._fill(jobs[item], index, s)
 
   def _flush_cache(self) -> None:
     if self._cache_batch:
@@ -658,6 +659,8 @@ class TeacherClient:
           verdict = tb.Verdict("retry", f"malformed answer: {e}")
         else:
           self._account(call, samples, time.perf_counter() - flight.first_t)
+          if flight.jobs is not None and flight.attempt < self.max_retries:
+            self._retry_missing(flight, samples)
           return self._finish(flight, samples, verdict)
     finally:
       if budget:
@@ -688,6 +691,18 @@ class TeacherClient:
     loop.call_later(
       self._backoff(flight.attempt - 1, verdict.retry_after_s), self._enqueue, [flight]
     )
+
+  def _retry_missing(self, flight: "_Flight", samples: list[Sample]) -> None:
+    """Asks again for the samples a (truncated or proxied) answer left out; the rest stand."""
+    missing = {}
+    for j, ((item, index), s) in enumerate(zip(flight.call.slots, samples)):
+      if not s.ok and s.error.endswith(tb.MISSING):
+        missing.setdefault(item, []).append(index)
+        samples[j] = None  # _fill skips it; the retry fills it
+    if missing:
+      runs = [(item, flight.jobs[item].request, idxs) for item, idxs in missing.items()]
+      retry = [_Flight(c, flight.jobs, attempt=flight.attempt + 1) for c in self.backend.pack(runs)]
+      self._loop.call_later(self._backoff(flight.attempt, None), self._enqueue, retry)
 
   def _backoff(self, attempt: int, retry_after: float | None) -> float:
     base, cap = self._o["backoff_base_s"], self._o["backoff_cap_s"]

@@ -19,7 +19,19 @@ import time
 
 from aiohttp import web
 
-FAULTS = ("429", "429ms", "500", "503", "529", "timeout", "slow", "malformed", "reset", "error200")
+FAULTS = (
+  "429",
+  "429ms",
+  "500",
+  "503",
+  "529",
+  "timeout",
+  "slow",
+  "malformed",
+  "reset",
+  "error200",
+  "partial",
+)
 PERMANENT = ("400", "401", "spend")
 _DIRECTIVE = re.compile(rb"\[\[fault:([a-z0-9,]+)\]\]")
 
@@ -119,6 +131,9 @@ class FakeTeacher:
       if isinstance(result, web.StreamResponse):
         return result
       payload, t_in, t_out = result
+      for field in ("choices", "candidates"):  # "partial": a 200 that leaves one sample out
+        if fault == "partial" and len(payload.get(field) or ()) > 1:
+          payload[field] = payload[field][:-1]
       self.billed["tokens_in"] += t_in
       self.billed["tokens_out"] += t_out
       self.billed["ok"] += 1
@@ -168,7 +183,7 @@ class FakeTeacher:
       body = {"type": "error", "error": {"type": "rate_limit_error", "message": "spend limit reached",
                                          "details": {"error_code": "enforced_spend_limit_reached"}}}  # fmt: skip
       return _json(body, 429)
-    return None  # "slow": handled after the answer is built
+    return None  # "slow", "partial": applied to the answer
 
   def _text(self, tail: str, index: int) -> str:
     self.counter += 1

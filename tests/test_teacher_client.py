@@ -113,9 +113,22 @@ def test_random_fault_mix_loses_nothing(server, teacher):
   )
   assert m["teacher/requests"] == len(teacher.log) and m["teacher/retries"] > 0
   assert m["teacher/tokens_in"] == teacher.billed["tokens_in"] > 0
-  assert sum(s.tokens_out for s in flat if s.ok) == teacher.billed["tokens_out"]
+  assert m["teacher/tokens_out"] == teacher.billed["tokens_out"]
   faults = collections.Counter(e["fault"] for e in teacher.log if e["fault"])
   assert len(faults) >= 6  # the mix really was mixed
+
+
+def test_partial_answer_asks_again_for_missing_samples(server, teacher):
+  with client_for(server, price_in_per_mtok=1e6, price_out_per_mtok=1e6) as client:
+    (samples,) = client.generate(forks(1, 3, "[[fault:partial]]"), timeout=10)
+    m = client.metrics()
+  assert all(s.ok for s in samples) and len({s.text for s in samples}) == 3
+  bodies = [json.loads(e["body"]) for e in teacher.log]
+  assert [b["n"] for b in bodies] == [3, 1]  # only the left-out sample is requested again
+  assert m["teacher/retries"] == 1
+  assert m["teacher/cost_usd"] == pytest.approx(
+    teacher.billed["tokens_in"] + teacher.billed["tokens_out"]
+  )
 
 
 def test_auth_error_fails_fast(server, teacher):
