@@ -11,6 +11,7 @@ of both sides are interleaved (the CPUs are shared). Last line of --quick:
 import argparse
 import asyncio
 import concurrent.futures
+import logging
 import os
 import statistics
 import subprocess
@@ -173,6 +174,9 @@ def main():
   parser.add_argument("--n", type=int, default=None, help="continuations per round")
   parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds per side")
   args = parser.parse_args()
+  logging.getLogger("omniopd_jax.teacher_client").setLevel(
+    logging.ERROR
+  )  # storm notices: noise here
   n = args.n or (500 if args.quick else 2000)
   rounds = args.rounds or (21 if args.quick else 15)
   concs = (64,) if args.quick else (64, 256)
@@ -190,10 +194,10 @@ def main():
       headline = headline or r["ratio"]
       note = f"best rounds {r['best_ratio']:.3f}, cpu {r['cpu_ratio']:.3f}"
       row(f"concurrency {conc}, no faults", r["plain_cps"], r["ours_cps"], r["ratio"], note)
-      f = compare(faulty_url, n, conc, max(5, rounds // 3), f"f{conc}")
+      f = compare(faulty_url, n, conc, max(5, rounds // 4), f"f{conc}")
       note = f"ok fraction: plain {f['ok_plain']:.3f} (naive retry), ours {f['ok_ours']:.3f}"
       row(f"concurrency {conc}, 10% faults", f["plain_cps"], f["ours_cps"], f["ratio"], note)
-      cold, warm = cache_runs(clean_url, n * 4, conc)
+      cold, warm = cache_runs(clean_url, n * 2, conc)
       row(f"concurrency {conc}, cache on: cold", None, cold, note="misses, entries written")
       row(f"concurrency {conc}, cache on: warm", None, warm, note="all hits, no HTTP")
     p50_plain, p50_ours = latency(clean_url, prompts(200 if args.quick else 500, "lat"))
