@@ -153,15 +153,31 @@ class BertEncoder(nnx.Module):
       [BertLayer(cfg, rngs=rngs, precision=precision) for _ in range(cfg.num_hidden_layers)]
     )
 
-  def __call__(self, ids, positions, segments):
-    """ids, positions, segments: [B, R] int32 -> token states [B, R, E] float32."""
+  def stacked_layers(self):
+    """(graphdef, state with a leading [L] axis) of the layers, for `__call__`'s scan.
+
+    Scanning one layer body instead of unrolling L layers cuts compile time L-fold; call this once
+    outside a loop over blocks so the stacking copy is made once per call.
+    """
+    graphdef = nnx.graphdef(self.layers[0])
+    states = [nnx.state(layer) for layer in self.layers]
+    return graphdef, jax.tree.map(lambda *xs: jnp.stack(xs), *states)
+
+  def __call__(self, ids, positions, segments, layers=None):
+    """ids, positions, segments: [B, R] int32 -> token states [B, R, E] float32.
+
+    `layers`: the result of `stacked_layers()`, when the caller hoisted it out of a loop.
+    """
     x = self.word_embeddings[...][ids] + self.position_embeddings[...][positions]  # [B, R, E]
     x = self.embed_norm(x + self.token_type_embeddings[...][0])  # single-sentence inputs: type 0
     same_text = segments[:, :, None] == segments[:, None, :]  # [B, R, R]
     attn_bias = jnp.where(same_text, 0.0, jnp.finfo(jnp.float32).min)[:, None]  # [B, 1, R, R]
-    for layer in self.layers:
-      x = layer(x, attn_bias)
-    return x
+    graphdef, stacked = layers if layers is not None else self.stacked_layers()
+
+    def body(x, layer_state):
+      return nnx.merge(graphdef, layer_state)(x, attn_bias), None
+
+    return jax.lax.scan(body, x, stacked)[0]
 
 
 def pool(hidden, positions, segments, modes, slots):

@@ -90,11 +90,6 @@ def _next_pow2(x: int) -> int:
   return 1 << max(0, int(x) - 1).bit_length()
 
 
-def _row_cost(rows: int, row_len: int) -> float:
-  # Dense work grows with R, attention work (slow, small matmuls) with R^2.
-  return rows * row_len * (1.0 + row_len / 384)
-
-
 @dataclasses.dataclass
 class Packed:
   """Texts packed into groups of rows; each group's arrays are [num_blocks, block_rows, R] int32.
@@ -122,8 +117,8 @@ class Encoder:
     rules: optional logical-axis rules (`omniopd_jax.sharding`) to shard the parameters.
     block_tokens: tokens per step of the on-device loop over blocks of rows: bounds activation
       memory; accelerators like larger blocks.
-    row_lengths: candidate row lengths R; texts are split into at most two groups (short texts in
-      short rows, the rest in long rows), whichever is cheapest.
+    short_row: the row length R for texts up to that many tokens (most chunks); longer texts get
+      rows of max_seq_length. Short rows keep attention cheap: its cost per token grows with R.
     max_texts_per_row: slots per row (S).
   """
 
@@ -136,7 +131,7 @@ class Encoder:
     batch_axes: Sequence[str] | None = None,
     rules=None,
     block_tokens: int | None = None,
-    row_lengths: Sequence[int] = (64, 128, 256, 512),
+    short_row: int = 128,
     max_texts_per_row: int = 32,
   ):
     self.cfg: bert.EncoderConfig = model.cfg
@@ -145,8 +140,7 @@ class Encoder:
     if block_tokens is None:
       block_tokens = 4096 if jax.default_backend() == "cpu" else 65536
     self.block_tokens = block_tokens
-    max_len = self.cfg.max_seq_length
-    self.row_lengths = tuple(sorted({min(r, max_len) for r in row_lengths} | {max_len}))
+    self.short_row = min(short_row, self.cfg.max_seq_length)
     self.slots = max_texts_per_row
     self.graphdef, state = nnx.split(model)
     self._data_sharding, self._batch_devices = None, 1
@@ -170,6 +164,7 @@ class Encoder:
   def _pooled(self, state, groups):
     """Groups of [num_blocks, block_rows, R] int32 -> [sum(num_blocks * block_rows * S), d]."""
     model = nnx.merge(self.graphdef, state)
+    layers = model.stacked_layers()
     outs = []
     for ids, positions, segments in groups:
       block_shape = (ids.shape[1], self.slots, self.cfg.embedding_dim)
@@ -178,7 +173,7 @@ class Encoder:
         ids_b, pos_b, seg_b = block  # [b, R]
 
         def run(_):
-          hidden = model(ids_b, pos_b, seg_b)  # [b, R, E]
+          hidden = model(ids_b, pos_b, seg_b, layers)  # [b, R, E]
           return bert.pool(hidden, pos_b, seg_b, self.cfg.pooling_modes, self.slots)  # [b, S, d]
 
         # Blocks of pure padding (the block count is bucketed to a power of two) cost nothing.
@@ -211,33 +206,21 @@ class Encoder:
     return [e.ids for e in self.tokenizer.encode_batch_fast(list(texts))]
 
   def pack(self, token_ids: Sequence[Sequence[int]]) -> Packed:
-    """Pack tokenised texts into at most two groups of rows, with bucketed shapes (the block
-    count is a power of two), so steps of similar size reuse one compiled function."""
+    """Pack tokenised texts into rows: texts up to `short_row` tokens share short rows, longer ones
+    go to rows of max_seq_length. Row counts are bucketed to powers of two, so steps of similar
+    size reuse one compiled program."""
     lengths = np.fromiter((len(t) for t in token_ids), np.int64, len(token_ids))
     if not lengths.size:
       raise ValueError("nothing to pack")
-    longest = int(lengths.max())
-    fits = [r for r in self.row_lengths if r >= longest]
-    if not fits:
-      raise ValueError(
-        f"a text has {longest} tokens, over max_seq_length={self.cfg.max_seq_length}"
-      )
-    best = None
-    for short in self.row_lengths:  # texts <= short in rows of `short`, the rest in longer rows
-      if short > fits[0]:
-        break
-      plan = []
-      for members, r in (
-        (np.flatnonzero(lengths <= short), short),
-        (np.flatnonzero(lengths > short), fits[0]),
-      ):
-        if members.size:
-          plan.append((r, members, *pack_rows(lengths[members], r, self.slots)))
-      cost = sum(_row_cost(int(p[2].max()) + 1, p[0]) for p in plan)
-      if best is None or cost < best[0]:
-        best = (cost, plan)
+    if lengths.max() > self.cfg.max_seq_length:
+      raise ValueError(f"a text has {lengths.max()} tokens, over max_seq_length")
     groups, loc, offset = [], np.zeros(lengths.size, np.int32), 0
-    for r, members, rows, start, slot in best[1]:
+    short = lengths <= self.short_row
+    for members, r in ((np.flatnonzero(short), self.short_row), (np.flatnonzero(~short), None)):
+      if not members.size:
+        continue
+      r = r or self.cfg.max_seq_length
+      rows, start, slot = pack_rows(lengths[members], r, self.slots)
       arrays, size = self._fill(
         [token_ids[i] for i in members], lengths[members], r, rows, start, slot
       )
