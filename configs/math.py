@@ -126,11 +126,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # :demo only: how its teacher and student base are trained in-project (demo_models.py).
   c.demo = ml_collections.ConfigDict()
   c.demo.teacher_examples = 4000  # worked chain-sum solutions to train on
-  c.demo.teacher_steps = 1200
-  c.demo.student_steps = 150  # far fewer: a weak but not hopeless base
+  c.demo.teacher_steps = 1200  # teacher SFT steps (4-layer Qwen3, d=128)
+  c.demo.student_steps = 150  # far fewer, on a smaller model: a weak but not hopeless base
   c.demo.sft_batch_size = 32
-  c.demo.teacher_lr = 2e-3
+  c.demo.teacher_lr = 2e-3  # peak; cosine decay to 5%
   c.demo.student_lr = 1e-3
+  c.demo.teacher_path = ""  # an HF dir to copy as the teacher instead of training one
 
   c.smoke_serve_teacher = False  # smoke/demo: start our own teacher server when base_url is ""
 
@@ -203,11 +204,15 @@ def _demo(c):
   c.batch_size = 32
   c.checkpoint_every = 20
   c.eval_every = 20
-  c.rollout.max_new_tokens = 64
+  c.max_prompt_len = 32  # "<bos>Q: 12 + 7 - 30 + 4 =\nA: " (the demo template drops boilerplate)
+  c.rollout.max_new_tokens = 64  # worked solutions of 3-4 terms are ~45 characters
   c.omniopd.update(num_forks=3, chunk_len=8, num_teacher_samples=4, weight_form="centered")
   c.scoring.phi = "embedding"
   c.scoring.embedding_backend = "sentence_transformers"
-  c.data.eval_size = 128
-  c.eval.num_examples = 128
-  c.eval.batch_size = 64
+  c.data.task_kwargs = {
+    "chain_sum": {"min_terms": 3, "max_terms": 4, "min_digits": 1, "max_digits": 2}
+  }
+  c.data.eval_size = 256
+  c.eval.num_examples = 256
+  c.eval.batch_size = 128
   c.optimizer.learning_rate = 3e-4

@@ -1,24 +1,44 @@
 """The self-contained student and teacher of the `:smoke` and `:demo` configs, built once and cached
 as HF directories under <workdir>/models (so the run itself loads them like any checkpoint).
 
-`:smoke` uses tiny random models. `:demo` trains, in-project, a teacher that is strong on worked
-chain-sum solutions and a weaker student base (fewer layers, fewer steps), both character-level.
+`:smoke` uses tiny random models. `:demo` trains, in-project, a character-level teacher that is
+strong on worked chain-sum solutions and a weaker student base (fewer layers, fewer steps):
+
+  python -m omniopd_jax.demo_models --out=/tmp/demo_models            # both, as in the demo
+  python -m omniopd_jax.demo_models --out=DIR --teacher_steps=30 --student_steps=10   # CI size
 """
 
 import os
+import shutil
 import time
 
 import jax
 import numpy as np
 from flax import nnx
 
-from omniopd_jax import hf, sharding, tasks, train_step
+from omniopd_jax import data, evaluate, hf, sharding, tasks, train_step
 from omniopd_jax import model as model_lib
 
 STUDENT = dict(hidden_size=96, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
                num_key_value_heads=2)  # fmt: skip
 TEACHER = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
                num_key_value_heads=2)  # fmt: skip
+
+# reasoning-gym's chain_sum questions open with this sentence; the demo's chat template drops it,
+# so a prompt reads "Q: 7 + 4 - 2 =\nA: " (a third of the tokens: every step is cheaper).
+BOILERPLATE = "State the final answer to the following arithmetic problem: "
+
+
+def make_tokenizer():
+  """tasks.make_char_tokenizer() with a chat template that drops reasoning-gym's boilerplate."""
+  tokenizer = tasks.make_char_tokenizer()
+  user = "Q: {{ message['content'] }}"
+  if user not in tokenizer.chat_template:
+    raise RuntimeError("tasks.CHAT_TEMPLATE changed: update demo_models.make_tokenizer")
+  tokenizer.chat_template = tokenizer.chat_template.replace(
+    user, f"Q: {{{{ message['content'] | replace('{BOILERPLATE}', '') }}}}"
+  )
+  return tokenizer
 
 
 def model_config(tokenizer, architecture="llama", **sizes) -> model_lib.ModelConfig:
@@ -29,18 +49,25 @@ def model_config(tokenizer, architecture="llama", **sizes) -> model_lib.ModelCon
 
 
 def save(model, tokenizer, path: str) -> str:
+  """Writes an HF directory atomically (a crash never leaves a half-written `path`)."""
   tmp = path + ".tmp"
+  shutil.rmtree(tmp, ignore_errors=True)
   hf.save_pretrained(model, tokenizer, tmp)
   with open(os.path.join(tmp, "generation_config.json"), "w") as f:
     f.write(
       f'{{"eos_token_id": {tokenizer.eos_token_id}, "pad_token_id": {tokenizer.pad_token_id}}}'
     )
+  shutil.rmtree(path, ignore_errors=True)
   os.replace(tmp, path)
   return path
 
 
 def sft_train(model, tokenizer, pairs, *, steps, batch_size, learning_rate, seed=0, log=print):
-  """Supervised training of `model` on (prompt ids, response ids) pairs with our own train step."""
+  """Supervised training of `model` on (prompt ids, response ids) pairs with our own train step.
+
+  AdamW, 5% warmup then cosine decay to 5% of `learning_rate` (the decay matters: a constant rate
+  leaves the arithmetic noisy). Batches are sampled with replacement from `pairs`.
+  """
   from configs import math as math_config
 
   config = math_config.get_config("smoke")
@@ -60,7 +87,7 @@ def sft_train(model, tokenizer, pairs, *, steps, batch_size, learning_rate, seed
   start = time.time()
   for step in range(steps):
     idx = rng.randint(0, len(pairs), size=batch_size)
-    tokens = np.zeros((batch_size, prompt_len + length), np.int32)
+    tokens = np.zeros((batch_size, prompt_len + length), np.int32)  # [B, P + L]
     mask = np.zeros_like(tokens, bool)
     for row, i in enumerate(idx):
       p, r = pairs[i]
@@ -81,30 +108,107 @@ def sft_train(model, tokenizer, pairs, *, steps, batch_size, learning_rate, seed
   return model
 
 
+def greedy_accuracy(model, tokenizer, data_cfg, num_examples: int, max_new_tokens: int) -> float:
+  """Greedy pass@1 on the first `num_examples` held-out problems of `data_cfg`."""
+  examples = data.load_examples(data_cfg, "eval")[:num_examples]
+  res = evaluate.evaluate(
+    evaluate.sampler_generate_fn(model, tokenizer), tokenizer, examples,
+    max_new_tokens=max_new_tokens, batch_size=64, data_cfg=data_cfg,
+  )  # fmt: skip
+  return float(res["eval/pass@1"])
+
+
+def _train(name, sizes, architecture, config, tokenizer, pairs, *, steps, lr, seed, log):
+  model = model_lib.CausalLM(model_config(tokenizer, architecture, **sizes), rngs=nnx.Rngs(seed))
+  n = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+  log(f"demo: training the {name} ({architecture}, {n / 1e3:.0f}k parameters, {steps} steps)")
+  t0 = time.time()
+  sft_train(model, tokenizer, pairs, steps=steps, batch_size=config.demo.sft_batch_size,
+            learning_rate=lr, seed=seed, log=log)  # fmt: skip
+  acc = greedy_accuracy(
+    model, tokenizer, config.data, config.eval.num_examples, config.rollout.max_new_tokens
+  )
+  log(f"demo: {name} held-out greedy accuracy {acc:.3f} on {config.eval.num_examples} problems "
+      f"({time.time() - t0:.0f}s)")  # fmt: skip
+  return model
+
+
 def build(workdir: str, config, log=print) -> tuple[str, str]:
-  """(student_dir, teacher_dir) for the smoke/demo variants, built once and cached."""
+  """(student_dir, teacher_dir) for the smoke/demo variants, built once and cached.
+
+  With `config.demo.teacher_path` set (demo only), that HF directory is copied as the teacher
+  instead of training one.
+  """
   root = os.path.join(workdir, "models")
   student_dir, teacher_dir = os.path.join(root, "student"), os.path.join(root, "teacher")
-  if os.path.exists(os.path.join(student_dir, "config.json")) and os.path.exists(
-    os.path.join(teacher_dir, "config.json")
-  ):
-    return student_dir, teacher_dir
-  os.makedirs(root, exist_ok=True)
-  tokenizer = tasks.make_char_tokenizer()
   demo = "demo" in config.variant.split(",")
-  student = model_lib.CausalLM(model_config(tokenizer, **STUDENT), rngs=nnx.Rngs(config.seed))
-  teacher = model_lib.CausalLM(
-    model_config(tokenizer, "qwen3", **TEACHER), rngs=nnx.Rngs(config.seed + 1)
-  )
-  if demo:
-    d = config.demo
-    log(f"demo: training the teacher on {d.teacher_examples} worked solutions (once, cached)")
-    pairs = tasks.sft_examples(config.data, tokenizer, d.teacher_examples, seed=config.seed + 101)
-    sft_train(teacher, tokenizer, pairs, steps=d.teacher_steps, batch_size=d.sft_batch_size,
-              learning_rate=d.teacher_lr, seed=config.seed, log=log)  # fmt: skip
-    log(f"demo: training the student base ({d.student_steps} steps)")
-    sft_train(student, tokenizer, pairs, steps=d.student_steps, batch_size=d.sft_batch_size,
-              learning_rate=d.student_lr, seed=config.seed + 1, log=log)  # fmt: skip
-  save(teacher, tokenizer, teacher_dir)
-  save(student, tokenizer, student_dir)
+  os.makedirs(root, exist_ok=True)
+  tokenizer = make_tokenizer()
+  if not demo:
+    if not _ready(student_dir) or not _ready(teacher_dir):
+      student = model_lib.CausalLM(model_config(tokenizer, **STUDENT), rngs=nnx.Rngs(config.seed))
+      teacher = model_lib.CausalLM(
+        model_config(tokenizer, "qwen3", **TEACHER), rngs=nnx.Rngs(config.seed + 1)
+      )
+      save(teacher, tokenizer, teacher_dir)
+      save(student, tokenizer, student_dir)
+    return student_dir, teacher_dir
+
+  d = config.demo
+  pairs = None
+  if not _ready(teacher_dir):
+    if d.teacher_path:
+      log(f"demo: teacher copied from {d.teacher_path}")
+      shutil.copytree(d.teacher_path, teacher_dir + ".tmp", dirs_exist_ok=True)
+      os.replace(teacher_dir + ".tmp", teacher_dir)
+    else:
+      pairs = _pairs(config, tokenizer, log)
+      teacher = _train("teacher", TEACHER, "qwen3", config, tokenizer, pairs,
+                       steps=d.teacher_steps, lr=d.teacher_lr, seed=config.seed + 1, log=log)  # fmt: skip
+      save(teacher, tokenizer, teacher_dir)
+  if not _ready(student_dir):
+    pairs = pairs or _pairs(config, tokenizer, log)
+    student = _train("student base", STUDENT, "llama", config, tokenizer, pairs,
+                     steps=d.student_steps, lr=d.student_lr, seed=config.seed, log=log)  # fmt: skip
+    save(student, tokenizer, student_dir)
   return student_dir, teacher_dir
+
+
+def _ready(path: str) -> bool:
+  return os.path.exists(os.path.join(path, "config.json"))
+
+
+def _pairs(config, tokenizer, log):
+  t0 = time.time()
+  pairs = tasks.sft_examples(
+    config.data, tokenizer, config.demo.teacher_examples, seed=config.seed + 101
+  )
+  log(f"demo: {len(pairs)} worked solutions ({time.time() - t0:.1f}s)")
+  return pairs
+
+
+def main(argv):
+  del argv
+  from absl import flags
+
+  f = flags.FLAGS
+  from configs import math as math_config
+
+  config = math_config.get_config("demo")
+  config.unlock()
+  for name in ("teacher_steps", "student_steps", "teacher_examples"):
+    if getattr(f, name):
+      config.demo[name] = getattr(f, name)
+  build(f.out, config)
+  print(f"wrote {f.out}/models/teacher and {f.out}/models/student")
+
+
+if __name__ == "__main__":
+  from absl import app, flags
+
+  flags.DEFINE_string("out", None, "Directory; the models go to OUT/models/{teacher,student}.")
+  flags.DEFINE_integer("teacher_steps", 0, "Override config.demo.teacher_steps.")
+  flags.DEFINE_integer("student_steps", 0, "Override config.demo.student_steps.")
+  flags.DEFINE_integer("teacher_examples", 0, "Override config.demo.teacher_examples.")
+  flags.mark_flag_as_required("out")
+  app.run(main)

@@ -229,7 +229,12 @@ def run(config, workdir: str) -> dict:
       )
     check_same_tokenizer(tokenizer, teacher_tok)
     ctx.teacher_logprobs_fn = make_teacher_logprobs_fn(teacher_model, config)
-    teacher_params = nnx.state(teacher_model) if config.opd.estimator == "full_vocab" else None
+    if config.opd.estimator == "full_vocab":
+      teacher_graphdef, teacher_params = nnx.split(teacher_model)
+      # The teacher's own architecture (it may differ from the student's); shardings unchanged.
+      update = train_step.make_update_fn(
+        config, mesh, graphdef, abstract, rules, teacher_graphdef=teacher_graphdef
+      )
 
   start_step = 0
   if ckpt.latest_step() is not None:
@@ -256,7 +261,7 @@ def run(config, workdir: str) -> dict:
       gen, tokenizer, eval_examples, num_samples=config.eval.num_samples,
       temperature=config.eval.temperature,
       max_new_tokens=config.eval.max_new_tokens or config.rollout.max_new_tokens,
-      batch_size=config.eval.batch_size,
+      batch_size=config.eval.batch_size, data_cfg=config.data, seed=config.seed,
     )  # fmt: skip
     scalars = {k: v for k, v in res.items() if isinstance(v, (int, float))}
     writer.write(step, scalars)

@@ -124,13 +124,19 @@ def needs_base(config) -> bool:
 
 
 def make_update_fn(
-  config, mesh, graphdef, abstract_state: TrainState, rules=sharding.DEFAULT_RULES
+  config,
+  mesh,
+  graphdef,
+  abstract_state: TrainState,
+  rules=sharding.DEFAULT_RULES,
+  teacher_graphdef=None,
 ):
   """One jitted update for `config.method`.
 
   Returns `update(state, base_params, batch, teacher_params=None) -> (state, metrics)`; batch is a
   dict of [B, ...] arrays sharded over the batch axes. `teacher_params` is only used by
-  `opd` with the full-vocabulary estimator (same-tokenizer teacher in process).
+  `opd` with the full-vocabulary estimator (same-tokenizer teacher in process), whose
+  architecture is `teacher_graphdef` (default: the student's).
   """
   if config.method not in METHODS:
     raise ValueError(f"config.method={config.method!r}: choose from {METHODS}")
@@ -145,7 +151,11 @@ def make_update_fn(
     if use_base:
       base_logits = jax.lax.stop_gradient(response_logits(graphdef, base_params, batch))
     if use_teacher:
-      teacher_logits = jax.lax.stop_gradient(response_logits(graphdef, teacher_params, batch))
+      teacher_logits = jax.lax.stop_gradient(
+        response_logits(
+          graphdef if teacher_graphdef is None else teacher_graphdef, teacher_params, batch
+        )
+      )
     loss, aux = method_loss(config, logits, base_logits, teacher_logits, batch)
     return loss, aux
 

@@ -1,0 +1,1 @@
+"""Experiments built on the training system (`python -m omniopd_jax.experiments.compare`)."""

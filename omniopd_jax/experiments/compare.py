@@ -1,0 +1,416 @@
+"""Side-by-side comparison on the demo task: SFT, white-box OPD (sampled-token and full-vocabulary),
+GRPO and OmniOPD (each chunk-weight form), with ablations and a different-tokenizer teacher.
+
+  python -m omniopd_jax.experiments.compare --workdir=/tmp/cmp               # full, 2-core CPU
+  python -m omniopd_jax.experiments.compare --workdir=/tmp/cmp --quick       # minutes, 1 seed
+  python -m omniopd_jax.experiments.compare --workdir=/tmp/cmp --models=/tmp/demo/models
+
+Every run starts from the same student base with the same teacher, prompts and number of student
+samples per step (`batch_size`; GRPO spends it as batch_size / group_size prompts x group_size).
+Runs happen in this process through `train.run`; the teacher is one `omniopd_jax.serve` subprocess
+shared by all OmniOPD runs. Finished runs are skipped when the command is repeated (each run dir
+keeps a result.json). Writes <workdir>/results.md, results.json and accuracy.png.
+"""
+
+import dataclasses
+import json
+import os
+import shutil
+import time
+
+from absl import app, flags, logging
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("workdir", None, "Where the models, runs, results.md and accuracy.png go.")
+flags.DEFINE_bool("quick", False, "Tiny: a few steps, 1 seed, 1 learning rate, tiny models.")
+flags.DEFINE_integer("seeds", 0, "Seeds per (variant, learning rate); 0 = 3 (1 with --quick).")
+flags.DEFINE_integer(
+  "steps", 0, "Optimizer steps per run; 0 = the :demo config's (3 with --quick)."
+)
+flags.DEFINE_string("models", "", "A directory with student/ and teacher/ HF dirs to reuse.")
+flags.DEFINE_string("lrs", "", "Comma-separated learning-rate sweep (default 3e-4,1e-3).")
+flags.DEFINE_string("only", "", "Comma-separated variant names to run (default all).")
+
+LRS = (3e-4, 1e-3)
+ABLATION_LR = 3e-4  # ablations and the tokenizer variant run at one learning rate
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+  name: str  # the row label
+  method: str  # config.method
+  overrides: tuple = ()  # ((dotted config field, value), ...)
+  sweep: bool = True  # run the learning-rate sweep (else ABLATION_LR only)
+  other_tokenizer: bool = False  # the teacher uses a different tokenizer (same weights)
+  group: str = "method"  # method | ablation | tokenizer
+
+
+VARIANTS = (
+  Variant("sft", "sft"),
+  Variant("opd-sampled", "opd", (("opd.estimator", "sampled"),)),
+  Variant("opd-full-vocab", "opd", (("opd.estimator", "full_vocab"),)),
+  Variant("grpo", "grpo"),
+  Variant("omniopd-pi_hat", "omniopd", (("omniopd.weight_form", "pi_hat"),)),
+  Variant("omniopd-centered", "omniopd", (("omniopd.weight_form", "centered"),)),
+  Variant("omniopd-group", "omniopd", (("omniopd.weight_form", "group"),)),
+  *(
+    Variant(
+      name, "omniopd", (("omniopd.weight_form", "centered"), *o), sweep=False, group="ablation"
+    )  # fmt: skip
+    for name, o in (
+      ("ablate-no-kl", (("omniopd.kl_anchor", False),)),
+      ("ablate-no-prior", (("omniopd.use_prior", False),)),
+      ("ablate-random-forks", (("omniopd.fork_method", "random"),)),
+      ("ablate-phi-edit", (("scoring.phi", "edit"),)),
+      ("ablate-phi-rouge1", (("scoring.phi", "rouge1"),)),
+    )
+  ),
+  Variant(
+    "other-tokenizer-omniopd",
+    "omniopd",
+    (("omniopd.weight_form", "centered"),),
+    sweep=False,
+    other_tokenizer=True,
+    group="tokenizer",
+  ),  # fmt: skip
+  Variant("other-tokenizer-opd", "opd", sweep=False, other_tokenizer=True, group="tokenizer"),
+)
+
+
+# ----------------------------------------------------------------------------- models
+
+
+def base_config(quick: bool):
+  """The :demo config, unlocked; --quick shrinks it to seconds per run."""
+  from configs import math as math_config
+
+  config = math_config.get_config("demo")
+  config.unlock()
+  if quick:
+    config.batch_size = 8
+    config.rollout.max_new_tokens = 48
+    config.eval.num_examples = config.data.eval_size = 16
+    config.eval.batch_size = 16
+    config.demo.update(teacher_examples=200, teacher_steps=30, student_steps=10)
+    config.omniopd.update(num_forks=2, num_teacher_samples=2, num_drafts=2)
+    config.grpo.group_size = 4
+  return config
+
+
+def prepare_models(workdir: str, config, models: str) -> tuple[str, str]:
+  """(student dir, teacher dir): `models` if given, else built (once) by demo_models."""
+  from omniopd_jax import demo_models
+
+  if models:
+    student, teacher = os.path.join(models, "student"), os.path.join(models, "teacher")
+    for path in (student, teacher):
+      if not os.path.exists(os.path.join(path, "config.json")):
+        raise FileNotFoundError(f"--models={models}: {path} is not an HF model directory")
+    return student, teacher
+  return demo_models.build(workdir, config, log=lambda m: print(m, flush=True))
+
+
+def permuted_tokenizer_teacher(teacher_dir: str, out_dir: str) -> str:
+  """The same teacher behind a different tokenizer: every non-special token gets another id
+  (reversed order), and the embedding rows move with them, so the teacher's text behaviour is
+  unchanged while its vocabulary no longer matches the student's token for token."""
+  import numpy as np
+  import safetensors.numpy
+  import tokenizers
+  import transformers
+
+  from omniopd_jax import hf
+
+  if os.path.exists(os.path.join(out_dir, "config.json")):
+    return out_dir
+  tok = hf.load_tokenizer(teacher_dir)
+  spec = json.loads(tok.backend_tokenizer.to_str())
+  vocab = spec["model"]["vocab"]  # token -> id
+  special = {t for t in tok.all_special_tokens}
+  movable = sorted((i for t, i in vocab.items() if t not in special))
+  new_id = dict(zip(movable, reversed(movable)))  # old id -> new id
+  spec["model"]["vocab"] = {t: new_id.get(i, i) for t, i in vocab.items()}
+  backend = tokenizers.Tokenizer.from_str(json.dumps(spec))
+  new_tok = transformers.PreTrainedTokenizerFast(
+    tokenizer_object=backend, pad_token=tok.pad_token, bos_token=tok.bos_token,
+    eos_token=tok.eos_token, unk_token=tok.unk_token,
+  )  # fmt: skip
+  new_tok.chat_template = tok.chat_template
+  tensors = safetensors.numpy.load_file(os.path.join(teacher_dir, "model.safetensors"))
+  order = np.arange(len(vocab))
+  for old, new in new_id.items():
+    order[new] = old  # row `new` of the new matrix is row `old` of the old one
+  for name in ("model.embed_tokens.weight", "lm_head.weight"):
+    if name in tensors:
+      tensors[name] = np.ascontiguousarray(tensors[name][order])
+  tmp = out_dir + ".tmp"
+  shutil.rmtree(tmp, ignore_errors=True)
+  os.makedirs(tmp)
+  safetensors.numpy.save_file(tensors, os.path.join(tmp, "model.safetensors"), {"format": "pt"})
+  for name in ("config.json", "generation_config.json"):
+    shutil.copy(os.path.join(teacher_dir, name), tmp)
+  new_tok.save_pretrained(tmp)
+  os.replace(tmp, out_dir)
+  return out_dir
+
+
+# ----------------------------------------------------------------------------- runs
+
+
+def run_config(base, variant: Variant, *, lr: float, seed: int, steps: int, student: str,
+               teacher: str, teacher_url: str):  # fmt: skip
+  """The config of one run: base + the variant's overrides, pointing at the shared models."""
+  config = base.copy_and_resolve_references()
+  config.unlock()
+  config.variant = "compare"  # not smoke/demo: use the given model paths, build nothing
+  config.method = variant.method
+  config.seed = seed
+  config.num_steps = steps
+  config.eval_every = max(steps // 4, 1)
+  config.checkpoint_every = steps  # one checkpoint, at the end
+  config.keep_checkpoints = 1
+  config.model.student_path = student
+  config.opd.teacher_path = teacher
+  config.teacher.base_url = teacher_url
+  config.smoke_serve_teacher = False
+  config.optimizer.learning_rate = lr
+  config.optimizer.warmup_steps = max(steps // 10, 1)
+  for field, value in variant.overrides:
+    node = config
+    *parents, leaf = field.split(".")
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return config
+
+
+def teacher_tokens(run_dir: str, method: str, batch_size: int) -> float:
+  """Tokens the teacher produced (OmniOPD: continuation tokens) or scored (OPD: the student's
+  sampled tokens, one forward pass); SFT uses dataset solutions and GRPO no teacher: 0."""
+  total = 0.0
+  path = os.path.join(run_dir, "metrics.jsonl")
+  if not os.path.exists(path):
+    return 0.0
+  with open(path) as f:
+    for line in f:
+      row = json.loads(line)
+      if method == "omniopd":
+        total += row.get("teacher/tokens_out", 0.0)
+      elif method == "opd":
+        total += row.get("rollout/response_len", 0.0) * batch_size
+  return total
+
+
+def accuracy_curve(run_dir: str) -> list[tuple[int, float]]:
+  path = os.path.join(run_dir, "eval.jsonl")
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    rows = [json.loads(line) for line in f]
+  return sorted({int(r["step"]): float(r["eval/pass@1"]) for r in rows}.items())
+
+
+def run_one(config, variant: Variant, run_dir: str) -> dict:
+  """Trains one run (or reads its cached result); a refusal is a result, not a crash."""
+  from omniopd_jax import train
+
+  done = os.path.join(run_dir, "result.json")
+  if os.path.exists(done):
+    with open(done) as f:
+      return json.load(f)
+  shutil.rmtree(run_dir, ignore_errors=True)  # an interrupted run starts over
+  result = dict(variant=variant.name, group=variant.group, method=variant.method,
+                lr=config.optimizer.learning_rate, seed=config.seed)  # fmt: skip
+  t0 = time.time()
+  try:
+    final = train.run(config, run_dir)
+  except ValueError as e:  # opd with a different-tokenizer teacher refuses; other errors raise
+    if not variant.other_tokenizer:
+      raise
+    result.update(error=str(e), wall_s=time.time() - t0)
+  else:
+    result.update(
+      before=final["eval_before"]["eval/pass@1"],
+      after=final["eval_after"]["eval/pass@1"],
+      curve=accuracy_curve(run_dir),
+      wall_s=time.time() - t0,
+      teacher_tokens=teacher_tokens(run_dir, variant.method, config.batch_size),
+    )
+  os.makedirs(run_dir, exist_ok=True)
+  with open(done, "w") as f:
+    json.dump(result, f)
+  shutil.rmtree(os.path.join(run_dir, "checkpoints"), ignore_errors=True)  # keep the disk small
+  return result
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def summarize(results: list[dict]) -> list[dict]:
+  """One row per (variant, lr): accuracy mean and std over seeds, wall time, teacher tokens."""
+  import numpy as np
+
+  rows: dict = {}
+  for r in results:
+    rows.setdefault((r["variant"], r["lr"]), []).append(r)
+  out = []
+  for (name, lr), rs in rows.items():
+    ok = [r for r in rs if "error" not in r]
+    row = dict(variant=name, group=rs[0]["group"], method=rs[0]["method"], lr=lr, seeds=len(rs))
+    if not ok:
+      row["error"] = rs[0]["error"]
+    else:
+      after = np.array([r["after"] for r in ok])
+      row.update(
+        before=float(np.mean([r["before"] for r in ok])),
+        after_mean=float(after.mean()),
+        after_std=float(after.std(ddof=1)) if len(after) > 1 else 0.0,
+        wall_s=float(np.mean([r["wall_s"] for r in ok])),
+        teacher_tokens=float(np.mean([r["teacher_tokens"] for r in ok])),
+      )
+    out.append(row)
+  return out
+
+
+def write_markdown(rows: list[dict], path: str, header: str) -> None:
+  lines = [header, "",
+           "| variant | lr | seeds | before | after (mean +- std) | change | wall s/run | "
+           "teacher tokens/run |",
+           "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+  for r in rows:
+    if "error" in r:
+      lines.append(f"| {r['variant']} | {r['lr']:g} | {r['seeds']} | - | refused: "
+                   f"{r['error'][:90]}... | - | - | - |")  # fmt: skip
+      continue
+    lines.append(
+      f"| {r['variant']} | {r['lr']:g} | {r['seeds']} | {r['before']:.3f} | "
+      f"{r['after_mean']:.3f} +- {r['after_std']:.3f} | {r['after_mean'] - r['before']:+.3f} | "
+      f"{r['wall_s']:.0f} | {r['teacher_tokens']:.0f} |"
+    )
+  with open(path, "w") as f:
+    f.write("\n".join(lines) + "\n")
+
+
+def plot(results: list[dict], rows: list[dict], path: str) -> None:
+  """Held-out accuracy against step, mean over seeds at each variant's best learning rate."""
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  import numpy as np
+
+  best: dict = {}
+  for r in rows:
+    if "error" not in r and r["after_mean"] >= best.get(r["variant"], {}).get("after_mean", -1):
+      best[r["variant"]] = r
+  fig, axes = plt.subplots(1, 2, figsize=(13, 4.8), sharey=True)
+  for ax, groups, title in ((axes[0], ("method",), "methods (best lr)"),
+                            (axes[1], ("ablation", "tokenizer"), "ablations (omniopd-centered)")):  # fmt: skip
+    for name, row in best.items():
+      if row["group"] not in groups:
+        continue
+      curves = [r["curve"] for r in results
+                if r["variant"] == name and r["lr"] == row["lr"] and "curve" in r]  # fmt: skip
+      steps = sorted({s for c in curves for s, _ in c})
+      mean = [np.mean([dict(c)[s] for c in curves if s in dict(c)]) for s in steps]
+      style = "-" if row["method"] == "omniopd" else "--"
+      ax.plot(steps, mean, style, marker="o", label=f"{name} (lr {row['lr']:g})")
+    ax.set_title(title)
+    ax.set_xlabel("step")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+  axes[0].set_ylabel("held-out greedy accuracy (pass@1)")
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def compare(workdir: str, *, quick=False, seeds=0, steps=0, models="", lrs=(), only=()) -> list:
+  """Runs the whole comparison; returns the summary rows (also written to results.md)."""
+  import jax
+
+  from omniopd_jax import serve
+
+  os.makedirs(workdir, exist_ok=True)
+  # Runs of the same method share most compiled programs: cache them on disk across runs.
+  jax.config.update("jax_compilation_cache_dir", os.path.join(workdir, "jax_cache"))
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+  base = base_config(quick)
+  seeds = seeds or (1 if quick else 3)
+  steps = steps or (3 if quick else base.num_steps)
+  lrs = tuple(lrs) or ((LRS[0],) if quick else LRS)
+  variants = [v for v in VARIANTS if not only or v.name in only]
+  if only and len(variants) != len(only):
+    unknown = set(only) - {v.name for v in VARIANTS}
+    raise ValueError(f"unknown --only names {sorted(unknown)}: choose from "
+                     f"{[v.name for v in VARIANTS]}")  # fmt: skip
+  student, teacher = prepare_models(workdir, base, models)
+  other = permuted_tokenizer_teacher(teacher, os.path.join(workdir, "models", "teacher_other_tok"))
+  servers: dict = {}
+
+  def url_for(other_tokenizer: bool) -> str:
+    path = other if other_tokenizer else teacher
+    if path not in servers:
+      servers[path] = serve.start_subprocess(
+        path, log_path=os.path.join(workdir, f"serve_{os.path.basename(path)}.log")
+      )
+    return servers[path].url
+
+  results = []
+  t_start = time.time()
+  plan = [(v, lr, s) for v in variants for lr in (lrs if v.sweep else (ABLATION_LR,))
+          for s in range(seeds)]  # fmt: skip
+  try:
+    for i, (v, lr, seed) in enumerate(plan):
+      url = url_for(v.other_tokenizer) if v.method == "omniopd" else ""
+      config = run_config(base, v, lr=lr, seed=seed, steps=steps, student=student,
+                          teacher=other if v.other_tokenizer else teacher, teacher_url=url)  # fmt: skip
+      run_dir = os.path.join(workdir, "runs", v.name, f"lr{lr:g}", f"seed{seed}")
+      print(f"[{i + 1}/{len(plan)}] {v.name} lr={lr:g} seed={seed} "
+            f"({time.time() - t_start:.0f}s so far)", flush=True)  # fmt: skip
+      r = run_one(config, v, run_dir)
+      if "error" in r:
+        print(f"  -> refused: {r['error']}", flush=True)
+      else:
+        print(f"  -> accuracy {r['before']:.3f} -> {r['after']:.3f} ({r['wall_s']:.0f}s)",
+              flush=True)  # fmt: skip
+      results.append(r)
+  finally:
+    for handle in servers.values():
+      handle.stop()
+  rows = summarize(results)
+  header = (
+    f"# OmniOPD vs baselines on the demo task\n\n"
+    f"Held-out greedy accuracy (pass@1) on {base.eval.num_examples} chain-sum problems; "
+    f"{steps} steps of batch {base.batch_size} student samples; {seeds} seed(s) per row; "
+    f"total {time.time() - t_start:.0f}s.\n"
+    f"Command: `python -m omniopd_jax.experiments.compare --workdir=DIR"
+    f"{' --quick' if quick else ''} --seeds={seeds} --steps={steps}`"
+  )
+  write_markdown(rows, os.path.join(workdir, "results.md"), header)
+  with open(os.path.join(workdir, "results.json"), "w") as f:
+    json.dump({"runs": results, "rows": rows}, f, indent=1)
+  plot(results, rows, os.path.join(workdir, "accuracy.png"))
+  print(open(os.path.join(workdir, "results.md")).read(), flush=True)
+  return rows
+
+
+def main(argv):
+  del argv
+  logging.set_verbosity(logging.WARNING)
+  from omniopd_jax import train
+
+  train.setup_logging()
+  compare(
+    FLAGS.workdir, quick=FLAGS.quick, seeds=FLAGS.seeds, steps=FLAGS.steps, models=FLAGS.models,
+    lrs=tuple(float(x) for x in FLAGS.lrs.split(",") if x),
+    only=tuple(x for x in FLAGS.only.split(",") if x),
+  )  # fmt: skip
+
+
+if __name__ == "__main__":
+  flags.mark_flag_as_required("workdir")
+  app.run(main)
