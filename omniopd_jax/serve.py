@@ -352,6 +352,11 @@ def main(argv=None) -> None:
   )
   kwargs = dict(max_batch=args.max_batch, max_tokens_cap=args.max_tokens_cap)
   asyncio.run(serve(teacher, args.host, args.port, args.exit_with_parent, **kwargs))
+  # Shut down: the server is closed and nothing is left to flush; skipping the interpreter's
+  # teardown (torch, imported by transformers, alone takes seconds) makes stop() quick.
+  sys.stdout.flush()
+  sys.stderr.flush()
+  os._exit(0)
 
 
 # --------------------------------------------------------------------------- subprocess handle
@@ -412,6 +417,11 @@ def start_subprocess(
   (`max_batch=8` -> `--max_batch 8`). Output goes to `log_path` (default: a temporary file).
   Raises RuntimeError, with the log's tail, when the server exits or is not ready in `timeout_s`.
   """
+  if not os.path.exists(os.path.join(model_dir, "config.json")):
+    raise FileNotFoundError(
+      f"{model_dir} has no config.json: serve needs an HF model directory (config.json, "
+      "safetensors, tokenizer files)"
+    )
   if log_path is None:
     fd, log_path = tempfile.mkstemp(prefix="omniopd_serve_", suffix=".log")
     os.close(fd)
