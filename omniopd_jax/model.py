@@ -176,6 +176,8 @@ class Attention(nnx.Module):
       cache = (k_cache, v_cache)
       k, v = k_cache.astype(x.dtype), v_cache.astype(x.dtype)
     b, t, h, d = q.shape
+    if t == 1:
+      return self.o_proj(self._attend_one(q, k, v, mask)), cache
     q = q.reshape(b, t, h // self.groups, self.groups, d)  # [B, T, KV, G, D]
     scores = jnp.einsum("btkgd,bskd->bkgts", q, k).astype(jnp.float32) * self.scale
     # A large finite negative (not -inf) keeps fully masked rows (padding queries) NaN-free.
@@ -183,6 +185,20 @@ class Attention(nnx.Module):
     probs = jax.nn.softmax(scores, axis=-1).astype(x.dtype)  # softmax in float32, as transformers
     out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, h, d)
     return self.o_proj(out), cache
+
+  def _attend_one(self, q, k, v, mask):
+    """Attention for one query token (decode): q [B, 1, H, D], k/v [B, S, KV, D] -> [B, 1, H, D].
+
+    Multiply-and-reduce in the cache's own [B, S, KV, D] layout: the einsum form above makes XLA
+    transpose the whole cache of every layer at every decode step.
+    """
+    b, _, h, d = q.shape
+    q = q.reshape(b, 1, h // self.groups, self.groups, d)  # [B, 1, KV, G, D]
+    scores = jnp.sum(q * k[:, :, :, None, :], axis=-1, dtype=jnp.float32) * self.scale  # [B,S,KV,G]
+    scores = jnp.where(mask[:, 0, :, None, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=1).astype(q.dtype)  # float32 softmax, as transformers
+    out = jnp.sum(probs[..., None] * v[:, :, :, None, :], axis=1, dtype=jnp.float32)  # [B,KV,G,D]
+    return out.astype(q.dtype).reshape(b, 1, h, d)
 
 
 class MLP(nnx.Module):

@@ -82,12 +82,11 @@ def test_sharded_forward_matches_one_device(mesh, single):
   np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5)
 
 
-@pytest.mark.parametrize("temperature", [0.0, 1.0])
-def test_sharded_sampler_matches_one_device(mesh, single, temperature):
+def test_sharded_sampler_matches_one_device(mesh, single):
   sharded = sharding.shard_module(nnx.merge(*nnx.split(single)), mesh)
   rng = np.random.default_rng(1)
   prompts = [rng.integers(3, CFG.vocab_size, n).tolist() for n in (4, 9, 2)]  # 3 rows -> 4
-  kw = dict(max_new_tokens=8, temperature=temperature, top_k=20, seed=3, eos_ids=[2])
+  kw = dict(max_new_tokens=8, temperature=1.0, top_k=20, seed=3, eos_ids=[2])
   got = sampler.generate(sharded, prompts, mesh=mesh, **kw)
   want = sampler.generate(single, prompts, **kw)
   np.testing.assert_array_equal(got.tokens, want.tokens)
