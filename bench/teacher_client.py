@@ -49,20 +49,28 @@ def prompts(n: int, tag: str) -> list[str]:
   return [f"Question {tag}-{i}: what is {i} + {i}?\nAnswer: {i} + {i} =" for i in range(n)]
 
 
-async def _plain(url: str, texts: list[str], conc: int) -> tuple[float, int]:
-  """Plain aiohttp: one POST per continuation, bounded concurrency, naive retry of failures."""
-  sem = asyncio.Semaphore(conc)
-  timeout = aiohttp.ClientTimeout(total=TIMEOUT_S)
-  async with aiohttp.ClientSession(
-    connector=aiohttp.TCPConnector(limit=conc), timeout=timeout
-  ) as session:
+class Plain:
+  """Plain aiohttp, used the way a careful user would: one long-lived session and event loop
+  (in this thread), a semaphore, one POST per continuation, a naive retry of failures."""
+
+  def __init__(self, url: str, conc: int):
+    self.url, self.conc = url + "/completions", conc
+    self.loop = asyncio.new_event_loop()
+    self.session = self.loop.run_until_complete(self._session())
+
+  async def _session(self) -> aiohttp.ClientSession:
+    timeout = aiohttp.ClientTimeout(total=TIMEOUT_S)
+    return aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=self.conc), timeout=timeout)
+
+  async def _run(self, texts: list[str]) -> tuple[float, int]:
+    sem = asyncio.Semaphore(self.conc)
 
     async def one(text: str) -> bool:
       payload = {"model": "m", "prompt": text, "n": 1, "max_tokens": 16, "temperature": 1.0}
       async with sem:
         for _ in range(10):
           try:
-            async with session.post(url + "/completions", json=payload) as resp:
+            async with self.session.post(self.url, json=payload) as resp:
               if resp.status == 200:
                 body = await resp.json()
                 if isinstance(body.get("choices"), list) and body["choices"][0]["text"]:
@@ -75,9 +83,12 @@ async def _plain(url: str, texts: list[str], conc: int) -> tuple[float, int]:
     ok = await asyncio.gather(*(one(t) for t in texts))
     return time.perf_counter() - t0, sum(ok)
 
+  def run(self, texts: list[str]) -> tuple[float, int]:
+    return self.loop.run_until_complete(self._run(texts))
 
-def plain(url: str, texts: list[str], conc: int) -> tuple[float, int]:
-  return asyncio.run(_plain(url, texts, conc))
+  def close(self) -> None:
+    self.loop.run_until_complete(self.session.close())
+    self.loop.close()
 
 
 def make_client(url: str, conc: int, cache_dir: str | None = None) -> tc.TeacherClient:
@@ -126,15 +137,16 @@ def compare(url: str, n: int, conc: int, rounds: int, tag: str) -> dict[str, flo
   """Interleaved rounds of plain / ours (cache off): median of the per-round paired ratios."""
   tp, to, cp, co = [], [], [], []
   ok_p = ok_o = 0
+  plain = Plain(url, conc)
   with make_client(url, conc) as client:
     ours(client, prompts(min(n, 300), f"warm{tag}"))  # connections and code paths warm
-    plain(url, prompts(min(n, 300), f"warmp{tag}"), conc)
+    plain.run(prompts(min(n, 300), f"warmp{tag}"))
     for r in range(rounds):
       texts = prompts(n, f"{tag}{r}")
       for side in ("p", "o") if r % 2 == 0 else ("o", "p"):
         c0 = time.process_time()  # CPU of this process, all threads
         if side == "p":
-          dt, ok = plain(url, texts, conc)
+          dt, ok = plain.run(texts)
           tp.append(dt)
           cp.append(time.process_time() - c0)
           ok_p += ok
@@ -143,6 +155,7 @@ def compare(url: str, n: int, conc: int, rounds: int, tag: str) -> dict[str, flo
           to.append(dt)
           co.append(time.process_time() - c0)
           ok_o += ok
+  plain.close()
   # Each pair runs back to back, so slow drifts in the machine's load cancel in its ratio.
   return {"plain_cps": n / statistics.median(tp), "ours_cps": n / statistics.median(to),
           "ratio": statistics.median(o / p for o, p in zip(to, tp)), "best_ratio": min(to) / min(tp),

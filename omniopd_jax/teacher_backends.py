@@ -17,6 +17,7 @@ from typing import Any
 # approximate (the teacher is asked to continue a text shown in the user turn, so it is not a
 # sample of p_teacher(. | prompt, prefix)).
 INSTRUCTED = "instructed"
+_encode_json = json.JSONEncoder(separators=(",", ":")).encode  # built once, not per request
 # Error text of a sample the answer left out (the client asks again for just those samples).
 MISSING = "missing from the answer"
 
@@ -82,18 +83,28 @@ class Capabilities:
   max_temperature: float
 
 
-@dataclasses.dataclass(slots=True)
+@dataclasses.dataclass(slots=True, eq=False)
 class HttpCall:
-  """One HTTP request. `slots[j]` = (item id, sample index) of the j-th sample in the response."""
+  """One HTTP request. `slots[j]` = (item id, sample index) of the j-th sample in the response.
+
+  The last five fields are the client's delivery state (one object per request, not two: at
+  thousands of requests a step, allocations are what the garbage collector charges for).
+  """
 
   path: str
   payload: dict
+  data: bytes  # the payload as sent
   slots: list[tuple[int, int]]
   n: int  # samples per prompt
   est_tokens_in: int  # for input-token pacing and the budget check
   max_tokens_out: int  # upper bound on billed output tokens
   mode: str
   context: tuple = ()  # per-prompt data parse() needs (stripped whitespace, prefix text)
+  jobs: Any = None  # the client's per-request records that `slots` point into
+  attempt: int = 0
+  first_t: float = 0.0
+  verdict: Any = None
+  waiter: Any = None  # the probe's asyncio future
 
 
 @dataclasses.dataclass(slots=True)
@@ -289,10 +300,12 @@ class Backend:
     spr, ppr = self.caps.samples_per_request, prompts_per_request or self.caps.prompts_per_request
     groups: dict[tuple, list[tuple[int, TeacherRequest, list[int]]]] = {}
     calls = []
-    for item_id, req, idxs in items:
-      idxs = list(idxs)
+    for item in items:  # (item id, request, sample indices[, anything])
+      item_id, req, idxs = item[0], item[1], item[2]
+      if type(idxs) is not list:
+        idxs = list(idxs)
       for lo in range(0, len(idxs), spr):
-        run = (item_id, req, idxs[lo : lo + spr])
+        run = (item_id, req, idxs if len(idxs) <= spr else idxs[lo : lo + spr])
         if ppr == 1:
           calls.append(self._make_call([run]))
           continue
@@ -329,8 +342,9 @@ class Backend:
     payload, path, context = self.build(reqs, n, seed)
     if self.extra_body:
       payload.update(self.extra_body)
+    data = _encode_json(payload).encode()
     return HttpCall(
-      path, payload, slots, n, est_in, req0.max_tokens * len(slots), self.mode, context
+      path, payload, data, slots, n, est_in, req0.max_tokens * len(slots), self.mode, context
     )
 
   def build(self, reqs: list[TeacherRequest], n: int, seed: int | None) -> tuple[dict, str, tuple]:

@@ -203,22 +203,6 @@ class _Job:
   cache_keys: Any = None
 
 
-@dataclasses.dataclass(slots=True, eq=False)
-class _Flight:
-  """One HttpCall on its way: the jobs its slots point into and its retry state."""
-
-  call: tb.HttpCall
-  jobs: list | None
-  attempt: int = 0
-  first_t: float = 0.0
-  verdict: Any = None
-  data: bytes = b""
-  waiter: asyncio.Future | None = None  # set for the probe instead of jobs
-
-  def __post_init__(self):
-    self.data = json.dumps(self.call.payload, separators=(",", ":")).encode()
-
-
 class TeacherClient:
   """Asynchronous teacher client. Thread-safe `submit`; all network work runs on one daemon
   thread's event loop. Every submitted request resolves to exactly `num_samples` Samples."""
@@ -520,7 +504,10 @@ class TeacherClient:
         items.append((len(items), job.request, missing, job))
     if items:
       jobs_by_item = [it[3] for it in items]
-      self._enqueue([_Flight(c, jobs_by_item) for c in self.backend.pack([it[:3] for it in items])])
+      calls = self.backend.pack(items)
+      for call in calls:
+        call.jobs = jobs_by_item
+      self._enqueue(calls)
 
   def _enqueue(self, flights) -> None:
     self._queue.extend(flights)
@@ -565,12 +552,12 @@ class TeacherClient:
       except concurrent.futures.InvalidStateError:
         pass  # the caller cancelled this future
 
-  def _finish(self, flight: "_Flight", samples: list[Sample], verdict) -> None:
+  def _finish(self, flight: tb.HttpCall, samples: list[Sample], verdict) -> None:
     if flight.waiter is not None:  # the probe
       if not flight.waiter.done():
         flight.waiter.set_result((samples, verdict))
       return
-    jobs, slots = flight.jobs, flight.call.slots
+    jobs, slots = flight.jobs, flight.slots
     if self._cache is not None:  # queued before the futures resolve, so flush() sees them
       writes = [(jobs[item].cache_keys[index], s) for (item, index), s in zip(slots, samples)
                 if s is not None and s.ok and jobs[item].samples[index] is None]  # fmt: skip
@@ -588,8 +575,8 @@ class TeacherClient:
       self._cache_batch = []
 
   @staticmethod
-  def _failed(flight: "_Flight", reason: str) -> list[Sample]:
-    return [tb.failure(reason, flight.call.mode)] * len(flight.call.slots)
+  def _failed(call: tb.HttpCall, reason: str) -> list[Sample]:
+    return [tb.failure(reason, call.mode)] * len(call.slots)
 
   async def _reserve(self, cost: float) -> bool:
     """Holds `cost` of the budget for an in-flight call; False once the cap would be passed."""
@@ -610,9 +597,9 @@ class TeacherClient:
       self._reserved_usd -= cost
       self._budget_cv.notify_all()
 
-  async def _attempt(self, flight: "_Flight") -> None:
+  async def _attempt(self, flight: tb.HttpCall) -> None:
     """Sends `flight` once; then finishes it, or schedules its retry after a backoff."""
-    call, loop = flight.call, self._loop
+    call, loop = flight, self._loop
     if self._halt:
       return self._finish(flight, self._failed(flight, self._halt), flight.verdict)
     if self._gate_until:  # a shared pause after 429s
@@ -641,9 +628,9 @@ class TeacherClient:
       flight.first_t = flight.first_t or t0
       try:
         if self._send is not None:  # an in-process backend (`local`): same protocol, no HTTP
-          status, headers, raw = await self._send(call, flight.data)
+          status, headers, raw = await self._send(call, call.data)
         else:
-          async with self._session.post(self._base_url + call.path, data=flight.data) as resp:
+          async with self._session.post(self._base_url + call.path, data=call.data) as resp:
             raw = await resp.read()
           status, headers = resp.status, resp.headers
         verdict = self.backend.classify(status, headers, raw)
@@ -659,8 +646,11 @@ class TeacherClient:
           verdict = tb.Verdict("retry", f"malformed answer: {e}")
         else:
           self._account(call, samples, time.perf_counter() - flight.first_t)
-          if flight.jobs is not None and flight.attempt < self.max_retries:
-            self._retry_missing(flight, samples)
+          if flight.attempt < self.max_retries and flight.jobs is not None:
+            for s in samples:
+              if s.error is not None:
+                self._retry_missing(flight, samples)
+                break
           return self._finish(flight, samples, verdict)
     finally:
       if budget:
@@ -681,7 +671,9 @@ class TeacherClient:
         # One bad prompt (say, too long) fails a packed call: retry its prompts one per call.
         runs = [(item, flight.jobs[item].request, idxs) for item, idxs in items.items()]
         calls = self.backend.pack(runs, prompts_per_request=1)
-        return self._enqueue([_Flight(c, flight.jobs, attempt=flight.attempt) for c in calls])
+        for c in calls:
+          c.jobs, c.attempt = flight.jobs, flight.attempt
+        return self._enqueue(calls)
       return self._finish(flight, self._failed(flight, verdict.reason), verdict)
     if flight.attempt >= self.max_retries:
       reason = f"gave up after {flight.attempt + 1} attempts; last: {verdict.reason}"
@@ -692,16 +684,18 @@ class TeacherClient:
       self._backoff(flight.attempt - 1, verdict.retry_after_s), self._enqueue, [flight]
     )
 
-  def _retry_missing(self, flight: "_Flight", samples: list[Sample]) -> None:
+  def _retry_missing(self, flight: tb.HttpCall, samples: list[Sample]) -> None:
     """Asks again for the samples a (truncated or proxied) answer left out; the rest stand."""
     missing = {}
-    for j, ((item, index), s) in enumerate(zip(flight.call.slots, samples)):
+    for j, ((item, index), s) in enumerate(zip(flight.slots, samples)):
       if not s.ok and s.error.endswith(tb.MISSING):
         missing.setdefault(item, []).append(index)
         samples[j] = None  # _fill skips it; the retry fills it
     if missing:
       runs = [(item, flight.jobs[item].request, idxs) for item, idxs in missing.items()]
-      retry = [_Flight(c, flight.jobs, attempt=flight.attempt + 1) for c in self.backend.pack(runs)]
+      retry = self.backend.pack(runs)
+      for call in retry:
+        call.jobs, call.attempt = flight.jobs, flight.attempt + 1
       self._loop.call_later(self._backoff(flight.attempt, None), self._enqueue, retry)
 
   def _backoff(self, attempt: int, retry_after: float | None) -> float:
@@ -758,7 +752,7 @@ class TeacherClient:
         self._rates["output_tpm"].refund(call.max_tokens_out - t_out)
 
   async def _probe_once(self, req: TeacherRequest):
-    flight = _Flight(self.backend.pack([(0, req, range(req.num_samples))])[0], None)
+    flight = self.backend.pack([(0, req, range(req.num_samples))])[0]
     flight.waiter = self._loop.create_future()
     self._enqueue([flight])
     return await flight.waiter
