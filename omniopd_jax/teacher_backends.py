@@ -735,5 +735,8 @@ def register_backend(cls: type[Backend]) -> type[Backend]:
 def make_backend(name: str, **kwargs) -> Backend:
   """Builds a backend by config name (`local` is added with register_backend)."""
   if name not in BACKENDS:
-    raise ValueError(f"unknown teacher backend {name!r}; choose one of {sorted(BACKENDS)}.")
+    raise ValueError(
+      f"unknown teacher backend {name!r}; choose one of {sorted(BACKENDS)} "
+      "(or `local`, which TeacherClient.from_config builds from model_path)."
+    )
   return BACKENDS[name](**kwargs)

@@ -56,6 +56,7 @@ DEFAULTS: dict[str, Any] = {
   "extra_body": None,  # merged into every payload, e.g. {"add_special_tokens": False} for vLLM
   "anthropic_version": "2023-06-01",
   "thinking_budget": 0,  # gemini thinkingBudget; None: leave the model's default
+  "model_path": None,  # local: HF checkpoint directory served in process (teacher_local)
   "backoff_base_s": 0.5,  # full jitter: sleep U(0, min(cap, base * 2**attempt))
   "backoff_cap_s": 30.0,
   "max_retry_wait_s": 120.0,  # cap on a server's Retry-After
@@ -284,16 +285,23 @@ class TeacherClient:
       o.pop("anthropic_version"),
       o.pop("thinking_budget"),
     )
+    model_path = o.pop("model_path")
     if name == "openai_chat":
       kwargs["chat_mode"] = "continue_final_message" if chat_mode == "auto" else chat_mode
     elif name == "anthropic":
       kwargs["anthropic_version"] = version
     elif name == "gemini":
       kwargs["thinking_budget"] = budget
-    backend = tb.make_backend(name, **kwargs)
+    if name == "local":  # imported lazily: it pulls in the sampler and JAX
+      from omniopd_jax import teacher_local  # noqa: PLC0415
+
+      backend = teacher_local.LocalBackend(model_path, **kwargs)
+    else:
+      backend = tb.make_backend(name, **kwargs)
     o.pop("api_key_env")
     client = cls(backend, **o)
     client._auto_chat = name == "openai_chat" and chat_mode == "auto"
+    client._owns_backend = True  # close() also stops an in-process server
     return client
 
   def __repr__(self) -> str:
@@ -417,6 +425,8 @@ class TeacherClient:
       self._writer.shutdown(wait=True)  # every cache write lands before close() returns
       if self._cache is not None:
         self._cache.close()
+      if getattr(self, "_owns_backend", False) and hasattr(self.backend, "close"):
+        self.backend.close()
 
   # ------------------------------------------------------------------------- caller-thread helpers
 
