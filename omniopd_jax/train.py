@@ -238,11 +238,7 @@ def run(config, workdir: str) -> dict:
 
   start_step = 0
   if ckpt.latest_step() is not None:
-    state, meta = ckpt.restore(
-      jax.tree.map(
-        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, update.shardings
-      )
-    )
+    state, meta = ckpt.restore(state)  # the live state carries the target shardings
     data_iter.set_state(meta["data"])
     if ctx.teacher is not None and meta.get("teacher"):
       ctx.teacher.load_state_dict(meta["teacher"])
