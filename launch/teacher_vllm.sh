@@ -1,20 +1,23 @@
 #!/usr/bin/env bash
 # Usage: TEACHER_MODEL=Qwen/Qwen3-32B TEACHER_TP=4 bash launch/teacher_vllm.sh [EXTRA_VLLM_FLAGS...]
 # Serves the teacher with `vllm serve` on an OpenAI-compatible /v1 for our openai_completions
-# client. Flags, and why the client needs them:
-#   --served-model-name $TEACHER_NAME  requests carry "model": config.teacher.model; a mismatch is 404
-#   --host/--port                      training hosts connect to http://HOST:PORT/v1
-#   --max-model-len                    prompt + student prefix + chunk must fit, or vLLM answers 400
-#   --generation-config vllm           otherwise vLLM applies the checkpoint's generation_config.json
-#                                      (Qwen3: top_p 0.95, top_k 20) to every request that does not
-#                                      set them, silently narrowing the Monte Carlo samples
-#   --seed                             engine seed; each request also sends its own `seed`, so a
-#                                      rerun asks for the same samples (set TEACHER_BATCH_INVARIANT=1
-#                                      for bit-identical answers regardless of batching: beta, slower)
-#   --enable-prefix-caching            the N samples of a fork, and the forks of one response, share
-#                                      the prompt + response prefix: computed once, not M x N times
-#   --max-num-seqs                     sequences decoded at once (in-flight requests x n)
-#   --disable-uvicorn-access-log       one log line per request adds up to millions
+# client. The flags, and why the client needs them:
+#   --served-model-name   requests carry "model": config.teacher.model ("teacher"); else HTTP 404
+#   --host/--port         training hosts connect to http://HOST:PORT/v1
+#   --max-model-len       prompt + student prefix + chunk must fit, or vLLM answers HTTP 400
+#   --generation-config vllm
+#                         otherwise vLLM applies the checkpoint's generation_config.json (Qwen3:
+#                         top_p 0.95, top_k 20) to every request that does not set them, silently
+#                         narrowing the teacher's Monte Carlo samples
+#   --seed                engine seed; each request also sends its own `seed`, so a rerun asks for
+#                         the same samples (TEACHER_BATCH_INVARIANT=1: bit-identical answers
+#                         whatever the batching; beta, slower)
+#   --enable-prefix-caching
+#                         the N samples of a fork, and the M forks of one response, share the
+#                         prompt + response prefix: it is computed once, not M x N times
+#   --max-num-seqs        sequences decoded at once (in-flight requests x n)
+#   --disable-uvicorn-access-log
+#                         one log line per request adds up to millions
 # An API key, if you want one, goes in VLLM_API_KEY (never on the command line); point
 # config.teacher.api_key_env at the variable holding it on the training side.
 set -euo pipefail
@@ -29,7 +32,8 @@ if [[ "$TEACHER_BATCH_INVARIANT" == 1 ]]; then
   export VLLM_BATCH_INVARIANT=1
 fi
 echo "training flags: --config.teacher.backend=openai_completions" \
-  "--config.teacher.base_url=http://$(hostname):$TEACHER_PORT/v1 --config.teacher.model=$TEACHER_NAME" >&2
+  "--config.teacher.base_url=http://$(hostname):$TEACHER_PORT/v1" \
+  "--config.teacher.model=$TEACHER_NAME" >&2
 run vllm serve "$TEACHER_MODEL" \
   --served-model-name "$TEACHER_NAME" \
   --host "$TEACHER_HOST" --port "$TEACHER_PORT" \

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Usage: bash launch/tpu_create.sh   (env: TPU_NAME ZONE PROJECT ACCELERATOR_TYPE RUNTIME_VERSION SPOT)
-# Creates the TPU VM (a single host such as v5litepod-8, or a multi-host pod slice).
+# Usage: bash launch/tpu_create.sh   (env: TPU_NAME ZONE PROJECT ACCELERATOR_TYPE RUNTIME_VERSION)
+# Creates the TPU VM (a single host such as v5litepod-8, or a multi-host pod slice); SPOT=1 for
+# spot capacity.
 set -euo pipefail
 # shellcheck source=launch/env.sh
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh"

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Usage: bash launch/tpu_logs.sh [WORKER] [LINES]   (WORKER: 0 (default), 1, ... or all; FOLLOW=0 to not follow)
-# Tails the per-host log written by tpu_run.sh. `all` prints the last LINES of every worker's log
-# (without following), which shows the first worker that failed.
+# Usage: bash launch/tpu_logs.sh [WORKER] [LINES]   (WORKER: 0 (default), 1, ..., or all)
+# Tails (follows, unless FOLLOW=0) the per-host log written by tpu_run.sh. `all` prints the last
+# LINES of every worker's log without following, which shows the first worker that failed.
 set -euo pipefail
 # shellcheck source=launch/env.sh
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh"

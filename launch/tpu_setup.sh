@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Usage: bash launch/tpu_setup.sh   (env: TPU_NAME ZONE PROJECT REPO_URL BRANCH REMOTE_DIR PYTHON VENV PIP_EXTRA)
+# Usage: bash launch/tpu_setup.sh   (env: TPU_NAME ZONE PROJECT REPO_URL BRANCH REMOTE_DIR PYTHON)
 # Puts the code on every worker (scp of this checkout, or git clone of REPO_URL), then creates the
 # venv and runs pip install -e '.[tpu]' there. Safe to rerun: it refreshes the code and the venv.
 set -euo pipefail
@@ -23,7 +23,8 @@ else
   url=$(printf %q "$REPO_URL")
   branch=$(printf %q "$BRANCH")
   fetch="if [ -d $dir/.git ]; then git -C $dir fetch origin $branch && git -C $dir checkout $branch"
-  fetch+=" && git -C $dir pull --ff-only origin $branch; else git clone --branch $branch $url $dir; fi"
+  fetch+=" && git -C $dir pull --ff-only origin $branch"
+  fetch+="; else git clone --branch $branch $url $dir; fi"
 fi
 
 venv=$(printf %q "$VENV")

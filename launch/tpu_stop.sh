@@ -8,6 +8,7 @@ source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
 
 session=$(printf %q "$SESSION")
 echo "stopping tmux session $SESSION on every worker of $TPU_NAME" >&2
-on_workers all "if tmux kill-session -t $session 2>/dev/null; then echo \"stopped $session on \$(hostname)\";
-  else echo \"no session $session on \$(hostname)\"; fi"
+stop="if tmux kill-session -t $session 2>/dev/null; then echo \"stopped $session on \$(hostname)\""
+stop+="; else echo \"no session $session on \$(hostname)\"; fi"
+on_workers all "$stop"
 echo "delete the VM when done: gcloud compute tpus tpu-vm delete $TPU_NAME --zone=$ZONE" >&2

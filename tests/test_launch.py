@@ -33,8 +33,8 @@ FAKE = r"""#!{python}
 import json, os, pathlib, re, shutil, subprocess, sys
 
 tool, args = pathlib.Path(sys.argv[0]).name, sys.argv[1:]
-keep = ("CUDA_VISIBLE_DEVICES", "VLLM_BATCH_INVARIANT", "XLA_PYTHON_CLIENT_MEM_FRACTION", "FAKE_HOST",
-        "FROM_ENV_FILE")
+keep = ("CUDA_VISIBLE_DEVICES", "VLLM_BATCH_INVARIANT", "XLA_PYTHON_CLIENT_MEM_FRACTION",
+        "FAKE_HOST", "FROM_ENV_FILE")
 with open(os.environ["FAKE_CALLS"], "a") as f:
   env = {{k: os.environ[k] for k in keep if k in os.environ}}
   f.write(json.dumps({{"tool": tool, "argv": args, "cwd": os.getcwd(), "env": env}}) + "\n")
@@ -61,7 +61,8 @@ elif tool == "gcloud" and "scp" in args:
 elif tool == "hostname":
   print(os.environ.get("FAKE_HOST", "localhost"))
 elif tool == "tmux":
-  marker = lambda: pathlib.Path(os.environ["HOME"]) / (".tmux-" + args[args.index("-s" if "-s" in args else "-t") + 1])
+  name = args[args.index("-s" if "-s" in args else "-t") + 1]
+  marker = lambda: pathlib.Path(os.environ["HOME"]) / (".tmux-" + name)
   if args[0] == "has-session":
     sys.exit(0 if marker().exists() else 1)
   if args[0] == "kill-session":

@@ -79,10 +79,12 @@ def test_hand_computation(mesh, params_dev, rows, kv_dev):
   assert p["kv_cache_eval"] == rows // 2 * 96 * 2 * 2 * kv_dev * 16 * 4  # eval batch 8
   heads_dev, ffn_dev, vocab_dev = (1, 32, 64) if mesh["tensor"] == 4 else (4 // mesh["tensor"],
     128 // mesh["tensor"], 256 // mesh["tensor"])  # fmt: skip
-  # Update: 5 float32 [u, L, V] buffers (logits, log-softmax, grad; base logits, log-softmax).
-  assert p["logits"] == 5 * rows * 32 * vocab_dev * 4
+  # Update: 6 float32 [u, L, V] buffers: logits, log-softmax, grad; base logits, log-softmax, probs.
+  assert p["logits"] == 6 * rows * 32 * vocab_dev * 4
   t = 64 + 32 - 1
-  per_token = (4 * 64 + 3 * heads_dev * 16 + 3 * kv_dev * 16 + 4 * ffn_dev) * 4 + heads_dev * t * 8
+  per_token = (4 * 64 + 3 * heads_dev * 16 + 3 * kv_dev * 16 + 4 * ffn_dev) * 4 + heads_dev * t * (
+    12 + 4
+  )
   assert p["activations"] == 2 * rows * t * per_token
   assert p.phase("resident") == params_dev * (4 + 8 + 2) + 8
   assert p.phase("update") == p["gradients"] + p["logits"] + p["activations"]
@@ -93,7 +95,7 @@ def test_options_change_the_right_lines():
   mesh = dict(data=1, fsdp=8, tensor=1)
   base = plan.plan(small_config(), small_model(), mesh)
   no_kl = plan.plan(small_config(**{"omniopd.kl_anchor": False}), small_model(), mesh)
-  assert no_kl["base"] == 0 and no_kl["logits"] == base["logits"] * 3 // 5
+  assert no_kl["base"] == 0 and no_kl["logits"] == base["logits"] // 2
   micro = plan.plan(small_config(micro_batches=2), small_model(), mesh)
   assert micro["gradients"] == 2 * base["gradients"]  # the accumulator
   assert micro["logits"] * 2 == base["logits"] and micro["activations"] * 2 == base["activations"]
@@ -200,28 +202,41 @@ def test_model_config_sources(tmp_path):
     plan.model_config(config, config_path=str(tmp_path / "missing"))
 
 
-def test_cli(tmp_path):
-  (tmp_path / "config.json").write_text(json.dumps(HF_SMALL))
-  base = [sys.executable, "-m", "omniopd_jax.tools.plan", "--config=configs/math.py:smoke"]
-  args = ["--config.batch_size=16", "--config.max_prompt_len=64",
-          "--config.rollout.max_new_tokens=32", "--config.eval.batch_size=8",
-          "--config.model.base_dtype=bfloat16", f"--model_config={tmp_path / 'config.json'}",
-          "--mesh=fsdp:8", "--accelerator=v5e"]  # fmt: skip
+def test_format_plan():
+  config = small_config()
+  text = plan.format_plan(
+    plan.plan(config, small_model(), dict(data=1, fsdp=2, tensor=1)), config, "v5e"
+  )
+  assert "-> FITS" in text and "peak = resident + max(rollout, update)" in text
+  assert "8 rows x 96 slots x 2 layers x 2 x 2 kv heads x 16 x 4 B" in text
+  assert "trainable parameters (float32)" in text and "106,816 parameters" in text
+
+
+def test_cli_with_compile(tmp_path):
+  """The CLI end to end (JSON), with XLA's numbers for the compiled update step on CPU."""
+  hf_one_layer = dict(HF_SMALL, num_hidden_layers=1)
+  (tmp_path / "config.json").write_text(json.dumps(hf_one_layer))
+  cmd = [
+    sys.executable, "-m", "omniopd_jax.tools.plan", "--config=configs/math.py:smoke",
+    "--config.batch_size=16", "--config.max_prompt_len=16", "--config.rollout.max_new_tokens=16",
+    "--config.eval.batch_size=8", "--config.omniopd.kl_anchor=false",
+    f"--model_config={tmp_path / 'config.json'}", "--mesh=data:1,fsdp:1,tensor:1",
+    "--accelerator=v5e", "--json", "--compile",
+  ]  # fmt: skip
   env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-  run = lambda extra: subprocess.run(
-    base + args + extra, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
-  )
-  out = run(["--json"])
-  assert out.returncode == 0, out.stderr
+  out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0, out.stderr[-3000:]
   data = json.loads(out.stdout)
-  assert data["lines"]["params"] == (MATRICES // 8 + NORMS) * 4
-  assert data["lines"]["kv_cache"] == 2 * 96 * 2 * 2 * 2 * 16 * 4
+  n_params = hf.config_from_hf(hf_one_layer).num_params()
+  assert data["lines"]["params"] == n_params * 4 and data["lines"]["base"] == 0
+  assert data["lines"]["kv_cache"] == 16 * 32 * 1 * 2 * 2 * 16 * 4  # prompt bucket 16 + 16 new
   assert data["fits"] is True
-  text = run(["--mesh=fsdp:2"])
-  assert text.returncode == 0, text.stderr
-  assert "-> FITS" in text.stdout and "peak = resident + max(rollout, update)" in text.stdout
-  assert "8 rows x 96 slots x 2 layers x 2 x 2 kv heads x 16 x 4 B" in text.stdout
-  assert (
-    data["peak"]
-    == max(data["phases"]["rollout"], data["phases"]["update"]) + data["phases"]["resident"]
+  assert data["peak"] == data["phases"]["resident"] + max(
+    data["phases"]["rollout"], data["phases"]["update"]
   )
+  # XLA's arguments are exactly the planned resident state, the batch and step + rng (12 bytes).
+  compiled = data["compiled"]
+  batch = 16 * (32 * 4 + 32 + 16 * 4 + 16 + 2 * (4 + 1 + 4))  # tokens, masks, response, forks
+  assert compiled["argument"] == data["phases"]["resident"] + batch + 12
+  assert compiled["alias"] > 0  # the state is donated
+  assert 0.5 < data["phases"]["update"] / compiled["temp"] < 2.0

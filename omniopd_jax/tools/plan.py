@@ -6,9 +6,8 @@
       --mesh=data:1,fsdp:1,tensor:1 --accelerator=H100 --config.micro_batches=8
 
 Nothing is allocated and no device is needed: parameters come from `nnx.eval_shape` of the real
-model, optimizer state from `jax.eval_shape` of the real optimizer (train_step.make_optimizer) on
-those parameters, and per-device sizes from the real PartitionSpecs (train_step.state_shardings,
-sharding.logical_to_spec) on a `jax.sharding.AbstractMesh`, so a v5p-256 plan runs on a laptop.
+model, optimizer state from `jax.eval_shape` of the real optimizer on them, per-device sizes from
+the real PartitionSpecs (train_step.state_shardings, sharding.logical_to_spec) on an AbstractMesh.
 
 What is counted, per device (b = rollout rows per device, u = update rows per device per
 micro-batch, P = bucketed max_prompt_len, L = rollout.max_new_tokens, T = P + L - 1, n = layers,
@@ -26,15 +25,20 @@ sharding, c = compute-dtype bytes):
                            decode step, and one layer's float32 prefill attention scores
   update phase (the jitted train step)
     gradients              exact, param_dtype; x2 with micro_batches > 1 (the scan's accumulator)
-    logits                 u x L x V x 4 x (3 + 2 if base + 2 if in-process teacher): float32
-                           logits, log-softmax and their gradient; base/teacher logits and log-softmax
-    layer activations      n x u x T x [(4E + 3HD + 3KD + 4F) x c + H x T x (4 + c)]: what each
+    logits                 u x L x V x 4 x (3 + 3 if base + 3 if in-process teacher): float32
+                           logits, log-softmax and their gradient; base (teacher) logits,
+                           log-softmax and probabilities for the exact KL
+    layer activations      n x u x T x [(4E + 3HD + 3KD + 4F) x c + H x T x (12 + c)]: what each
                            layer saves for the backward pass without remat (residual, two norm
                            outputs, q/k before and after RoPE, v, attention output, gate, up, silu,
-                           product; float32 scores and probabilities in c)
+                           product; the naive attention's float32 scores, masked scores and
+                           softmax, and the probabilities in c). With remat (a truthy
+                           config.model.remat, or --remat as a what-if: jax.checkpoint around each
+                           decoder layer): n x u x T x E x c (layer inputs) + one layer's set
   peak = resident + max(rollout phase, update phase)
-The activation lines are estimates: XLA fuses some of these buffers and adds temporaries of its own
-(all-gathered FSDP weights, collectives), which the headroom (default 10%) is meant to cover.
+The update lines are estimates: against XLA's temporaries for the compiled step on CPU (`--compile`)
+they came within ~10% on one device and ~25% under on an 8-way CPU mesh (resharding copies). The
+headroom (default 10%) covers some of that; `--compile` on the target backend gives its own numbers.
 """
 
 import dataclasses
@@ -58,19 +62,14 @@ GIB = 1024**3
 HBM_GIB = {"v5e": 16, "v5p": 95, "v6e": 32, "H100": 80, "H200": 141}
 
 # transformers config.json fields of the real checkpoints (the architecture numbers only).
+_QWEN3 = dict(
+  model_type="qwen3", vocab_size=151936, num_hidden_layers=28, num_attention_heads=16,
+  num_key_value_heads=8, head_dim=128, tie_word_embeddings=True, rope_theta=1000000.0,
+  rms_norm_eps=1e-6, max_position_embeddings=40960,
+)  # fmt: skip
 PRESETS = {
-  "qwen3-1.7b": dict(
-    model_type="qwen3", vocab_size=151936, hidden_size=2048, intermediate_size=6144,
-    num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=8, head_dim=128,
-    tie_word_embeddings=True, rope_theta=1000000.0, rms_norm_eps=1e-6,
-    max_position_embeddings=40960,
-  ),
-  "qwen3-0.6b": dict(
-    model_type="qwen3", vocab_size=151936, hidden_size=1024, intermediate_size=3072,
-    num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=8, head_dim=128,
-    tie_word_embeddings=True, rope_theta=1000000.0, rms_norm_eps=1e-6,
-    max_position_embeddings=40960,
-  ),
+  "qwen3-1.7b": dict(_QWEN3, hidden_size=2048, intermediate_size=6144),
+  "qwen3-0.6b": dict(_QWEN3, hidden_size=1024, intermediate_size=3072),
   "llama3.2-1b": dict(
     model_type="llama", vocab_size=128256, hidden_size=2048, intermediate_size=8192,
     num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8, head_dim=64,
@@ -81,8 +80,7 @@ PRESETS = {
   "smollm2-135m": dict(
     model_type="llama", vocab_size=49152, hidden_size=576, intermediate_size=1536,
     num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3, head_dim=64,
-    tie_word_embeddings=True, rope_theta=100000.0, rms_norm_eps=1e-5,
-    max_position_embeddings=8192,
+    tie_word_embeddings=True, rope_theta=100000.0, rms_norm_eps=1e-5, max_position_embeddings=8192,
   ),
 }  # fmt: skip
 
@@ -96,6 +94,10 @@ _MODEL_CONFIG = flags.DEFINE_string("model_config", "", "HF config.json (or its 
 _PRESET = flags.DEFINE_enum("preset", None, list(PRESETS), "a known architecture")
 _HEADROOM = flags.DEFINE_float("headroom", 0.1, "fraction of HBM kept free for XLA temporaries")
 _JSON = flags.DEFINE_bool("json", False, "print the plan as JSON (bytes per line) instead")
+_REMAT = flags.DEFINE_bool("remat", False, "what-if: activations with per-layer rematerialisation")
+_COMPILE = flags.DEFINE_bool(
+  "compile", False, "also compile the real update step on this backend and print XLA's numbers"
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -145,6 +147,8 @@ def parse_mesh(text: str, num_devices: int = 0) -> dict[str, int]:
 
 
 def _resolve(sizes: dict[str, int], num_devices: int) -> dict[str, int]:
+  if sorted(sizes) != sorted(sharding.MESH_AXES):
+    raise ValueError(f"mesh {sizes}: the axes must be exactly {sharding.MESH_AXES}")
   unknown = [a for a, s in sizes.items() if s == -1]
   if len(unknown) > 1 or any(s == 0 or s < -1 for s in sizes.values()):
     raise ValueError(f"mesh {sizes}: sizes must be >= 1, with at most one -1")
@@ -222,10 +226,14 @@ def _per_device(n: int, axes, mesh) -> int:
   return n // k if n % k == 0 else n
 
 
-def plan(config, cfg: model.ModelConfig, mesh_sizes: dict[str, int]) -> Plan:
-  """The per-device memory plan of `config` for architecture `cfg` on a mesh of `mesh_sizes`."""
+def plan(config, cfg: model.ModelConfig, mesh_sizes: dict[str, int], remat: bool = False) -> Plan:
+  """The per-device memory plan of `config` for architecture `cfg` on a mesh of `mesh_sizes`.
+
+  `remat` (or a truthy config.model.remat) counts activations as with per-layer rematerialisation.
+  """
+  remat = bool(remat or config.model.get("remat", False))
   mesh = abstract_mesh(mesh_sizes)
-  rules = tuple((k, tuple(v) if isinstance(v, list) else v) for k, v in config.sharding_rules)
+  rules = _rules(config)
   table = dict(rules)
   dtype = jnp.dtype(config.model.dtype)
   c = dtype.itemsize
@@ -294,23 +302,32 @@ def plan(config, cfg: model.ModelConfig, mesh_sizes: dict[str, int]) -> Plan:
   u = -(-config.batch_size // (n_rows * micro))
   seq = prompt + length - 1
   teacher = config.method == "opd" and config.opd.estimator == "full_vocab"
-  n_logits = 3 + 2 * use_base + 2 * teacher
+  n_logits = 3 + 3 * use_base + 3 * teacher
   logits = n_logits * u * length * vocab_dev * 4
   e, f = cfg.hidden_size, ffn_dev
-  per_token = (4 * e + 3 * heads_dev * d + 3 * kv_dev * d + 4 * f) * c + heads_dev * seq * (4 + c)
+  per_token = (4 * e + 3 * heads_dev * d + 3 * kv_dev * d + 4 * f) * c + heads_dev * seq * (12 + c)
   layer_acts = n * u * seq * per_token
+  if remat:
+    layer_acts = n * u * seq * e * c + u * seq * per_token
+  acts_formula = f"{n} layers x {u} rows x {seq} tokens x {per_token:,} B"
+  if remat:
+    acts_formula = f"remat: {n} x {u} x {seq} x {e} x {c} B + one layer ({u * seq * per_token:,} B)"
   lines += [
     Line("gradients", f"gradients ({pdt})" + (", with accumulator" if micro > 1 else ""),
          "update", grads, "like the parameters" + (" x 2" if micro > 1 else "")),
     Line("logits", "logits, update (float32)", "update", logits,
          f"{n_logits} x {u} rows x {length} x {vocab_dev} vocab x 4 B"),
-    Line("activations", "layer activations, update (no remat)", "update", layer_acts,
-         f"{n} layers x {u} rows x {seq} tokens x {per_token:,} B"),
+    Line("activations", f"layer activations, update ({'remat' if remat else 'no remat'})",
+         "update", layer_acts, acts_formula),
   ]  # fmt: skip
   notes = []
   if teacher:
     notes.append("opd full_vocab: the in-process teacher's parameters are not counted")
   return Plan(tuple(lines), dict(mesh_sizes), cfg, tuple(notes))
+
+
+def _rules(config) -> tuple:
+  return tuple((k, tuple(v) if isinstance(v, list) else v) for k, v in config.sharding_rules)
 
 
 def _targets(table, name):
@@ -328,7 +345,7 @@ def fits(peak: int, accelerator: str, headroom: float = 0.1) -> tuple[bool, int]
   return peak <= usable, usable
 
 
-def min_micro_batches(config, cfg, mesh_sizes, accelerator, headroom=0.1) -> int | None:
+def min_micro_batches(config, cfg, mesh_sizes, accelerator, headroom=0.1, remat=False):
   """The smallest micro_batches (dividing the batch evenly over the batch axes) that fits."""
   n_rows = math.prod(mesh_sizes[a] for a in _targets(dict(config.sharding_rules), "batch"))
   config = config.copy_and_resolve_references()
@@ -336,9 +353,76 @@ def min_micro_batches(config, cfg, mesh_sizes, accelerator, headroom=0.1) -> int
     if config.batch_size % micro or (config.batch_size // micro) % n_rows:
       continue
     config.micro_batches = micro
-    if fits(plan(config, cfg, mesh_sizes).peak, accelerator, headroom)[0]:
+    if fits(plan(config, cfg, mesh_sizes, remat).peak, accelerator, headroom)[0]:
       return micro
   return None
+
+
+def update_batch_shapes(config) -> dict[str, jax.ShapeDtypeStruct]:
+  """The update step's global batch for `config.method`, as train_step.method_loss reads it."""
+  b, length = config.batch_size, config.rollout.max_new_tokens
+  total = sampler.bucket(config.max_prompt_len, sampler.PROMPT_BUCKETS) + length
+  s = jax.ShapeDtypeStruct
+  batch = dict(
+    tokens=s((b, total), jnp.int32),
+    attention_mask=s((b, total), jnp.bool_),
+    response_tokens=s((b, length), jnp.int32),
+    response_mask=s((b, length), jnp.bool_),
+  )
+  if config.method == "omniopd":
+    m = config.omniopd.num_forks
+    batch.update(fork_starts=s((b, m), jnp.int32), fork_mask=s((b, m), jnp.bool_),
+                 fork_weight=s((b, m), jnp.float32))  # fmt: skip
+  elif config.method == "opd":
+    if config.opd.estimator == "full_vocab":
+      raise ValueError("--compile does not build the in-process teacher of opd full_vocab")
+    batch.update(teacher_logprobs=s((b, length), jnp.float32))
+  elif config.method == "grpo":
+    batch.update(old_logprobs=s((b, length), jnp.float32), advantages=s((b,), jnp.float32))
+  return batch
+
+
+def compiled_update_memory(config, cfg: model.ModelConfig, mesh_sizes: dict[str, int]) -> dict:
+  """XLA's per-device bytes for the real jitted update step, lowered from abstract inputs.
+
+  Compiles (nothing is allocated) on the local backend, so it needs prod(mesh) local devices: a
+  GPU/TPU host, or CPU with XLA_FLAGS=--xla_force_host_platform_device_count=N for small models.
+  Returns argument / output / alias / temp bytes and XLA's peak (argument + output - alias + temp).
+  """
+  n = math.prod(mesh_sizes.values())
+  if jax.device_count() < n:
+    raise ValueError(
+      f"--compile needs {n} devices for mesh {mesh_sizes}, this backend has {jax.device_count()} "
+      "(on CPU: XLA_FLAGS=--xla_force_host_platform_device_count=N)"
+    )
+  rules = _rules(config)
+  mesh = sharding.make_mesh([(a, mesh_sizes[a]) for a in sharding.MESH_AXES], jax.devices()[:n])
+  dtype, pdt = jnp.dtype(config.model.dtype), jnp.dtype(config.model.param_dtype)
+  graphdef, params = nnx.split(model.abstract_model(cfg, dtype, pdt), nnx.Param)
+  tx = train_step.make_optimizer(config.optimizer, config.num_steps)
+  state = jax.eval_shape(lambda p: train_step.init_state(p, tx, 0), params)
+  update = train_step.make_update_fn(config, mesh, graphdef, state, rules)
+
+  def placed(tree, shardings, dtype=None):
+    leaves, treedef = jax.tree.flatten(tree)
+    return jax.tree.unflatten(treedef, [
+      jax.ShapeDtypeStruct(x.shape, dtype or x.dtype, sharding=s)
+      for x, s in zip(leaves, jax.tree.leaves(shardings), strict=True)
+    ])  # fmt: skip
+
+  base = None
+  if train_step.needs_base(config):
+    base = placed(params, update.base_shardings, jnp.dtype(config.model.base_dtype))
+  batch = {
+    k: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding.batch_sharding(mesh, x.ndim, rules))
+    for k, x in update_batch_shapes(config).items()
+  }
+  compiled = update.jitted.lower(placed(state, update.shardings), base, batch).compile()
+  ma = compiled.memory_analysis()
+  names = ("argument", "output", "alias", "temp")
+  out = {k: int(getattr(ma, f"{k}_size_in_bytes")) for k in names}
+  out["peak"] = out["argument"] + out["output"] - out["alias"] + out["temp"]
+  return out
 
 
 def _gib(x: int) -> str:
@@ -392,13 +476,9 @@ def format_plan(p: Plan, config, accelerator: str | None = None, headroom: float
 
 def to_json(p: Plan, accelerator: str | None = None, headroom: float = 0.1) -> dict:
   """The plan as plain data: bytes per line, per phase, the peak and (with an accelerator) fits."""
-  out = {
-    "mesh": p.mesh,
-    "num_params": p.model.num_params(),
-    "lines": {line.name: line.bytes for line in p.lines},
-    "phases": {k: p.phase(k) for k in ("resident", "rollout", "update")},
-    "peak": p.peak,
-  }
+  phases = {k: p.phase(k) for k in ("resident", "rollout", "update")}
+  lines = {line.name: line.bytes for line in p.lines}
+  out = dict(mesh=p.mesh, num_params=p.model.num_params(), lines=lines, phases=phases, peak=p.peak)
   if accelerator:
     out["accelerator"] = accelerator
     out["fits"], out["usable"] = fits(p.peak, accelerator, headroom)
@@ -418,24 +498,36 @@ def main(argv):
       else _resolve(dict(config.mesh), _NUM_DEVICES.value)
     )
     cfg = model_config(config, _PRESET.value, _MODEL_CONFIG.value)
-    p = plan(config, cfg, mesh_sizes)
+    p = plan(config, cfg, mesh_sizes, _REMAT.value)
+    compiled = compiled_update_memory(config, cfg, mesh_sizes) if _COMPILE.value else None
   except (ValueError, FileNotFoundError) as e:
     raise app.UsageError(str(e)) from e
   if _JSON.value:
-    print(json.dumps(to_json(p, accel, headroom), indent=1))
+    print(json.dumps(dict(to_json(p, accel, headroom), compiled=compiled), indent=1))
     return
   print(format_plan(p, config, accel, headroom))
+  if compiled:
+    backend = f"{jax.devices()[0].device_kind} ({jax.default_backend()})"
+    print(
+      f"XLA, update step compiled on {backend}: arguments {compiled['argument'] / GIB:.2f}, "
+      f"outputs {compiled['output'] / GIB:.2f} (donated {compiled['alias'] / GIB:.2f}), "
+      f"temporaries {compiled['temp'] / GIB:.2f} -> {compiled['peak'] / GIB:.2f} GiB; planner "
+      f"resident + update: {(p.phase('resident') + p.phase('update')) / GIB:.2f} GiB"
+    )
   if accel and not fits(p.peak, accel, headroom)[0]:
-    micro = min_micro_batches(config, cfg, mesh_sizes, accel, headroom)
-    if micro:
-      config = config.copy_and_resolve_references()
-      config.micro_batches = micro
-      peak = plan(config, cfg, mesh_sizes).peak
-      print(f"hint: fits with --config.micro_batches={micro} (peak {peak / GIB:.2f} GiB)")
+    for remat in sorted({_REMAT.value, True}):
+      micro = min_micro_batches(config, cfg, mesh_sizes, accel, headroom, remat)
+      if micro:
+        fitted = config.copy_and_resolve_references()
+        fitted.micro_batches = micro
+        peak = plan(fitted, cfg, mesh_sizes, remat).peak
+        how = "with per-layer remat and " if remat and not _REMAT.value else "with "
+        print(f"hint: fits {how}--config.micro_batches={micro} (peak {peak / GIB:.2f} GiB)")
+        break
     else:
       print(
-        "hint: does not fit at any micro_batches: add devices (fsdp/tensor), shorten "
-        "rollouts, lower batch_size, or use bfloat16 params/base"
+        "hint: does not fit at any micro_batches, even with remat: add devices (fsdp/tensor), "
+        "shorten rollouts, lower batch_size, or use bfloat16 params/base"
       )
 
 
