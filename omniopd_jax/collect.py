@@ -142,7 +142,11 @@ def collect_omniopd(ctx, model, batch, step: int):
     ctx.backend in ("openai_completions", "local") and config.teacher.prompt_format == "token_ids"
   )
   student_texts = req.chunk_text_for_ids() if use_ids else req.chunk_text
+  t_submit = time.perf_counter()
   futures = ctx.teacher.submit(teacher_requests(config, req, batch["examples"], ctx.backend, step))
+  arrivals = [t_submit]  # teacher_span = last arrival - submission (callbacks fire on arrival)
+  for f in futures:
+    f.add_done_callback(lambda _: arrivals.append(time.perf_counter()))
 
   group = o.weight_form == "group"
   drafts = None
@@ -156,7 +160,7 @@ def collect_omniopd(ctx, model, batch, step: int):
 
   return lambda: _finish_omniopd(
     ctx, step, prompts, roll, starts, valid, fork_stats, req, mismatches, student_texts, futures,
-    drafts, rollout_s,
+    drafts, rollout_s, arrivals,
   )  # fmt: skip
 
 
@@ -174,6 +178,7 @@ def _finish_omniopd(
   futures,
   drafts,
   rollout_s,
+  arrivals,
 ) -> Collected:
   """Host half of an OmniOPD step: wait for the teacher, score, posterior, pack."""
   config, o = ctx.config, ctx.config.omniopd
@@ -230,8 +235,9 @@ def _finish_omniopd(
   if reasons:
     texts.append({"teacher_failure_example": reasons[0]})
   return Collected(
-    out, metrics, texts, dict(rollout=rollout_s, teacher_wait=wait_s, scoring=score_s)
-  )
+    out, metrics, texts, dict(rollout=rollout_s, teacher_wait=wait_s, scoring=score_s,
+                              teacher_span=max(arrivals) - arrivals[0]),
+  )  # fmt: skip
 
 
 def grade_rows(tokenizer, tokens, mask, examples) -> np.ndarray:
