@@ -285,21 +285,19 @@ class Backend:
         f"{self.caps.max_temperature}; lower teacher.temperature."
       )
 
-  def pack(
+  def plan(
     self,
     items: Sequence[tuple[int, TeacherRequest, Sequence[int]]],
     prompts_per_request: int | None = None,
-  ) -> list[HttpCall]:
-    """Packs (item id, request, sample indices) into HTTP calls by the capabilities.
+  ) -> list[list[tuple[int, TeacherRequest, list[int]]]]:
+    """Groups (item id, request, sample indices) into the runs of each HTTP call.
 
     A request's samples are cut into runs of at most `samples_per_request`; runs with equal
     (n, max_tokens, temperature, stop, prompt kind) share a call up to `prompts_per_request`.
-    A call's seed is derived from its first run's request seed and first sample index, so two
-    calls for one prefix never repeat a seed (which would return identical samples).
     """
     spr, ppr = self.caps.samples_per_request, prompts_per_request or self.caps.prompts_per_request
     groups: dict[tuple, list[tuple[int, TeacherRequest, list[int]]]] = {}
-    calls = []
+    plans = []
     for item in items:  # (item id, request, sample indices[, anything])
       item_id, req, idxs = item[0], item[1], item[2]
       if type(idxs) is not list:
@@ -307,18 +305,28 @@ class Backend:
       for lo in range(0, len(idxs), spr):
         run = (item_id, req, idxs if len(idxs) <= spr else idxs[lo : lo + spr])
         if ppr == 1:
-          calls.append(self._make_call([run]))
+          plans.append([run])
           continue
         key = (len(run[2]), req.max_tokens, req.temperature, req.stop, req.prefix_token_ids is None)
         group = groups.setdefault(key, [])
         group.append(run)
         if len(group) == ppr:
-          calls.append(self._make_call(group))
+          plans.append(group)
           del groups[key]
-    calls.extend(self._make_call(g) for g in groups.values())
-    return calls
+    plans.extend(groups.values())
+    return plans
 
-  def _make_call(self, runs: list[tuple[int, TeacherRequest, list[int]]]) -> HttpCall:
+  def pack(
+    self,
+    items: Sequence[tuple[int, TeacherRequest, Sequence[int]]],
+    prompts_per_request: int | None = None,
+  ) -> list[HttpCall]:
+    """Packs (item id, request, sample indices) into HTTP calls (see plan and make_call)."""
+    return [self.make_call(runs) for runs in self.plan(items, prompts_per_request)]
+
+  def make_call(self, runs: list[tuple[int, TeacherRequest, list[int]]]) -> HttpCall:
+    """One HTTP call for `runs`. Its seed is derived from the first run's request seed and first
+    sample index, so two calls for one prefix never repeat a seed (identical samples)."""
     req0, idx0 = runs[0][1], runs[0][2]
     n = len(idx0)
     seed = None if req0.seed is None else (req0.seed + 7919 * idx0[0]) % (2**31 - 1)

@@ -6,6 +6,7 @@ import concurrent.futures
 import json
 import os
 import sys
+import threading
 import time
 
 import ml_collections
@@ -345,3 +346,21 @@ def test_in_process_backend_hook():
     m = client.metrics()
   assert [[s.text for s in r] for r in results] == [[" echo0", " echo1"]] * 3
   assert m["teacher/retries"] == 1 and m["teacher/tokens_out"] == 2
+
+
+def test_futures_sharing_one_condition_behave_like_futures():
+  cond = threading.Condition()
+  a, b, c, d = (tc._Future(cond) for _ in range(4))
+  threading.Timer(0.02, lambda: b.set_result("b")).start()
+  with pytest.raises(concurrent.futures.TimeoutError):
+    a.result(timeout=0.1)  # b's wake-up does not end a's wait early or wrongly
+  threading.Timer(0.05, lambda: a.set_result("a")).start()
+  assert a.result(timeout=5) == "a" and b.result() == "b"
+  assert c.cancel() and c.cancelled() and not c.set_running_or_notify_cancel()  # as _fill does
+  with pytest.raises(concurrent.futures.CancelledError):
+    c.result()
+  d.set_exception(ValueError("boom"))
+  assert isinstance(d.exception(timeout=1), ValueError)
+  done, not_done = concurrent.futures.wait([a, b, c, d], timeout=1)
+  assert len(done) == 4 and not not_done
+  assert {f.result() for f in concurrent.futures.as_completed([a, b])} == {"a", "b"}
