@@ -19,7 +19,7 @@ set -euo pipefail
 : "${REPO_URL:=}"
 : "${BRANCH:=main}"                          # branch to clone when REPO_URL is set
 : "${REMOTE_DIR:=omniopd}"                   # checkout on each worker, relative to home
-: "${PYTHON:=python3}"                       # interpreter that creates the venv (needs >= 3.11)
+: "${PYTHON:=python3.11}"                    # creates the venv; apt-installed when missing
 : "${VENV:=.venv}"                           # venv inside the checkout (absolute path: used as is)
 : "${PIP_EXTRA:=tpu}"                        # setup.py extra: tpu on TPU VMs, cuda on GPU hosts
 

@@ -28,7 +28,11 @@ else
 fi
 
 venv=$(printf %q "$VENV")
-install="cd $dir && $(printf %q "$PYTHON") -m venv $venv && $venv/bin/pip install -q -U pip"
+py=$(printf %q "$PYTHON")
+# TPU VM images ship Ubuntu 22.04's python3.10; setup.py needs >= 3.11 (jammy has python3.11).
+install="if ! command -v $py >/dev/null 2>&1; then sudo apt-get update -qq"
+install+=" && sudo apt-get install -y -qq $py $py-venv; fi"
+install+="; cd $dir && $py -m venv $venv && $venv/bin/pip install -q -U pip"
 install+=" && $venv/bin/pip install -q -e $(printf %q ".[$PIP_EXTRA]")"
 # Import only: touching the TPU here would need every worker to join the same runtime.
 install+=" && $venv/bin/python -c 'import jax, omniopd_jax; print(\"jax\", jax.__version__)'"

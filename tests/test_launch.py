@@ -8,6 +8,7 @@ logs are exercised for real; only the network and the accelerators are faked.
 
 import json
 import pathlib
+import shutil
 import subprocess
 import sys
 
@@ -90,7 +91,7 @@ elif tool == "srun":
       code = subprocess.run(args[i:], env=env, stdout=f, stderr=subprocess.STDOUT).returncode
     if code:
       sys.exit(code)
-elif tool in ("python", "python3"):
+elif tool.startswith("python"):
   if args[:2] == ["-m", "venv"]:
     venv = pathlib.Path(args[2])
     (venv / "bin").mkdir(parents=True, exist_ok=True)
@@ -102,20 +103,16 @@ elif tool in ("python", "python3"):
 """
 
 
+# The only real programs the scripts may run; anything else (sudo, apt-get, a real python or pip)
+# is "command not found", so a test can never install or reach the network by mistake.
+REAL_TOOLS = ("bash", "sh", "git", "tar", "gzip", "mktemp", "dirname", "head", "tail", "mkdir", "rm",
+              "cat", "tee", "env")  # fmt: skip
+
+
 def _write_fakes(bin_dir: pathlib.Path):
   bin_dir.mkdir(parents=True)
   text = FAKE.format(python=sys.executable, workers=WORKERS)
-  for tool in (
-    "gcloud",
-    "hostname",
-    "tmux",
-    "scontrol",
-    "srun",
-    "vllm",
-    "python",
-    "python3",
-    "pip",
-  ):
+  for tool in ("gcloud", "hostname", "tmux", "scontrol", "srun", "vllm", "python", "python3.11"):
     path = bin_dir / tool
     path.write_text(text)
     path.chmod(0o755)
@@ -125,10 +122,14 @@ def _write_fakes(bin_dir: pathlib.Path):
 def sandbox(tmp_path):
   """(run, calls, homes): run(script, *args, env=...) executes launch/<script> with the fakes."""
   _write_fakes(tmp_path / "bin")
+  real = tmp_path / "real"
+  real.mkdir()
+  for tool in REAL_TOOLS:
+    (real / tool).symlink_to(shutil.which(tool))
   homes, calls_file = tmp_path / "homes", tmp_path / "calls.jsonl"
   homes.mkdir()
   base_env = {
-    "PATH": f"{tmp_path / 'bin'}:/usr/bin:/bin",
+    "PATH": f"{tmp_path / 'bin'}:{real}",
     "HOME": str(tmp_path / "local-home"),
     "FAKE_CALLS": str(calls_file),
     "FAKE_HOMES": str(homes),
@@ -230,11 +231,16 @@ def test_tpu_setup_copies_checkout_and_installs(sandbox):
       not (repo / ".venv" / "lib").exists() and not (homes / f"w{w}" / "omniopd.tar.gz").exists()
     )
     assert (repo / ".venv" / "bin" / "activate").exists()
-  pips = [c for c in calls() if c["tool"] == "pip"]
+  recorded = calls()
+  assert [c["argv"][:2] for c in recorded if c["tool"] == "python3.11"] == [
+    ["-m", "venv"]
+  ] * WORKERS
+  pips = [c for c in recorded if c["tool"] == "pip"]
   assert len(pips) == 2 * WORKERS
   assert sum(c["argv"][-2:] == ["-e", ".[tpu]"] for c in pips) == WORKERS
   dry = run("tpu_setup.sh", env={"DRY_RUN": "1", "REPO_URL": "https://example.com/o.git"})
   assert "git clone --branch main https://example.com/o.git omniopd" in dry.stderr
+  assert "apt-get install -y -qq python3.11 python3.11-venv" in dry.stderr  # when missing
 
 
 def _fake_venvs(homes):
@@ -319,10 +325,20 @@ def _slurm_env(tmp_path, ntasks, nodes=2):
   }
 
 
-@pytest.mark.parametrize("ntasks,per_gpu", [(2, False), (4, True)])
-def test_slurm(sandbox, tmp_path, ntasks, per_gpu):
+@pytest.mark.parametrize(
+  "ntasks,visible,expected",
+  [
+    (2, None, [None, None]),  # one process per node: all its GPUs
+    (4, None, ["0", "1", "0", "1"]),  # one per GPU: the SLURM_LOCALID-th GPU
+    (4, "4,5", ["4", "5", "4", "5"]),  # ... of those SLURM made visible
+    (4, "3", ["3"] * 4),  # already bound to one GPU by SLURM: left alone
+  ],
+)
+def test_slurm(sandbox, tmp_path, ntasks, visible, expected):
   run, calls, _ = sandbox
   env = _slurm_env(tmp_path, ntasks)
+  if visible:
+    env["CUDA_VISIBLE_DEVICES"] = visible
   run("slurm_gpu.sbatch", "configs/math.py:smoke", "/shared/wd", "--", "--config.num_steps=2",
       env=env)  # fmt: skip
   recorded = calls()
@@ -336,7 +352,7 @@ def test_slurm(sandbox, tmp_path, ntasks, per_gpu):
       "--coordinator_address=gpu01:12355", f"--num_processes={ntasks}", "--config.num_steps=2",
       f"--process_id={rank}",
     ]  # fmt: skip
-    assert c["env"].get("CUDA_VISIBLE_DEVICES") == (str(rank % 2) if per_gpu else None)
+    assert c["env"].get("CUDA_VISIBLE_DEVICES") == expected[rank]
     assert c["env"]["XLA_PYTHON_CLIENT_MEM_FRACTION"] == "0.95"
     log = tmp_path / "logs" / f"omniopd-77-{rank}.log"
     assert "fake python ran" in log.read_text()
