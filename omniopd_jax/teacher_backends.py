@@ -300,7 +300,7 @@ class Backend:
     plans = []
     for item in items:  # (item id, request, sample indices[, anything])
       item_id, req, idxs = item[0], item[1], item[2]
-      if type(idxs) is not list:
+      if type(idxs) is not list and type(idxs) is not range:  # ranges: no list per request
         idxs = list(idxs)
       for lo in range(0, len(idxs), spr):
         run = (item_id, req, idxs if len(idxs) <= spr else idxs[lo : lo + spr])
