@@ -1,0 +1,425 @@
+"""Benchmark of one OmniOPD training step: the loop's wall time split and its overlap efficiency on
+:smoke models behind a slow teacher (default), or update-step MFU and decode tokens/s (`--mfu`).
+
+  python bench/step.py --quick                       # ~1-2 min CPU; last line overlap_efficiency=<x>
+  python bench/step.py --latency-ms 200 --steps 8    # on-policy and one_step_off, 8 timed steps each
+  python bench/step.py --mfu --model-size tiny       # CPU check of the MFU path (seconds)
+  python bench/step.py --mfu --model-size 0.5b       # GPU: random Qwen3-0.6B-shaped model, bf16
+
+Default mode: our `serve` runs the :smoke teacher, behind a proxy (a subprocess of this script) that
+sleeps `--latency-ms` before forwarding each POST; `train.run` trains :smoke against the proxy,
+on-policy and with `one_step_off`. Per mode it prints the medians of rollout / teacher span /
+teacher wait / scoring / update / step period and the overlap efficiency
+max(device, teacher) / step, where device = rollout + update and teacher = the span from the
+teacher submission to the last result (collect's `teacher_span`).
+
+`--mfu` imports only model, train_step, sampler (and their jax/flax/optax dependencies), so it runs
+where ml_collections, grain or absl are not installed.
+"""
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+import types
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+# Dense bf16 peak TFLOP/s by device kind substring (first match wins; case-insensitive).
+PEAK_TFLOPS = (
+  ("h200", 989.0),
+  ("h100", 989.0),
+  ("a100", 312.0),
+  ("l40s", 362.0),
+  ("v6", 918.0),
+  ("v5p", 459.0),
+  ("v5 lite", 197.0),
+  ("v5e", 197.0),
+  ("v4", 275.0),
+)
+
+# Random-weight architectures for --mfu (ModelConfig fields).
+MODEL_SIZES = {
+  "tiny": dict(
+    vocab_size=4096, hidden_size=128, intermediate_size=384, num_hidden_layers=2,
+    num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+  ),
+  "0.5b": dict(  # Qwen3-0.6B's shape
+    vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
+    num_attention_heads=16, num_key_value_heads=8, head_dim=128,
+  ),
+  "1.7b": dict(  # Qwen3-1.7B's shape
+    vocab_size=151936, hidden_size=2048, intermediate_size=6144, num_hidden_layers=28,
+    num_attention_heads=16, num_key_value_heads=8, head_dim=128,
+  ),
+}  # fmt: skip
+# (batch, prompt_len, response_len) of the update step when not given on the command line.
+UPDATE_SHAPES = {"tiny": (4, 32, 64), "0.5b": (8, 256, 1024), "1.7b": (4, 256, 1024)}
+
+
+def median(rows, key: str) -> float:
+  values = [r[key] for r in rows if key in r]
+  return statistics.median(values) if values else float("nan")
+
+
+# ------------------------------------------------------------------------------------------------
+# Latency proxy (runs as `python bench/step.py --proxy --upstream URL`)
+
+
+def run_proxy(upstream: str, latency_s: float):
+  """Forward every request to `upstream`, sleeping `latency_s` first on POSTs; prints PORT=."""
+  import asyncio
+
+  import aiohttp
+  from aiohttp import web
+
+  async def main():
+    session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None))
+
+    async def forward(request: web.Request) -> web.Response:
+      body = await request.read()
+      if request.method == "POST":
+        await asyncio.sleep(latency_s)  # the remote teacher's network and queueing delay
+      headers = {k: v for k, v in request.headers.items() if k.lower() in ("content-type",)}
+      async with session.request(
+        request.method, upstream + request.path_qs, data=body, headers=headers
+      ) as resp:
+        payload = await resp.read()
+        return web.Response(
+          body=payload, status=resp.status, content_type=resp.content_type or "application/json"
+        )
+
+    app = web.Application(client_max_size=64 * 2**20)
+    app.router.add_route("*", "/{tail:.*}", forward)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]
+    print(f"PORT={port}", flush=True)
+    # Exit with the parent: stdin closes when the benchmark process goes away.
+    await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
+    await session.close()
+    await runner.cleanup()
+
+  asyncio.run(main())
+
+
+def start_proxy(upstream_root: str, latency_ms: float):
+  import subprocess
+
+  proc = subprocess.Popen(
+    [sys.executable, os.path.abspath(__file__), "--proxy", "--upstream", upstream_root,
+     "--latency-ms", str(latency_ms)],
+    stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+  )  # fmt: skip
+  line = proc.stdout.readline().strip()
+  if not line.startswith("PORT="):
+    proc.kill()
+    raise RuntimeError(f"latency proxy did not start (said {line!r})")
+  return proc, f"http://127.0.0.1:{line[5:]}/v1"
+
+
+# ------------------------------------------------------------------------------------------------
+# Default mode: the training loop on :smoke models behind a slow teacher
+
+
+def run_mode(args, root: str, teacher_url: str, one_step_off: bool) -> list[dict]:
+  """train.run on :smoke for warmup + steps steps; per-step rows with the step period added."""
+  import json
+
+  from configs import math as math_config
+  from omniopd_jax import metrics, train
+
+  config = math_config.get_config("smoke")
+  config.num_steps = args.warmup + args.steps
+  config.one_step_off = one_step_off
+  config.teacher.base_url = teacher_url
+  config.checkpoint_every = 10**6  # only the final save, after the timed steps
+  config.log_every = 10**6  # one progress line at the end
+  config.eval.num_examples = 0  # no evaluation before/after
+  config.batch_size = args.batch_size
+  if args.max_new_tokens:
+    config.rollout.max_new_tokens = args.max_new_tokens
+  workdir = tempfile.mkdtemp(prefix="on_policy_" if not one_step_off else "one_step_off_", dir=root)
+  os.symlink(os.path.join(root, "models"), os.path.join(workdir, "models"))
+
+  # The step period is the time between consecutive steps reaching their metrics (finish_step);
+  # the loop's own time/step_s spans more than one period in one_step_off mode.
+  pushed: dict[int, float] = {}
+  original = metrics.MetricsWriter.push
+
+  def push(self, step, device_metrics, host_metrics):
+    pushed[step] = time.perf_counter()
+    return original(self, step, device_metrics, host_metrics)
+
+  metrics.MetricsWriter.push = push
+  try:
+    train.run(config, workdir)
+  finally:
+    metrics.MetricsWriter.push = original
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    rows = [r for r in map(json.loads, f) if "time/rollout_s" in r]
+  for r in rows:
+    if r["step"] - 1 in pushed:
+      r["period_s"] = pushed[r["step"]] - pushed[r["step"] - 1]
+  return [r for r in rows if r["step"] > args.warmup]
+
+
+def summarize(name: str, rows: list[dict], update_s: float) -> float:
+  """Prints the medians of one mode; returns its overlap efficiency."""
+  rollout, span = median(rows, "time/rollout_s"), median(rows, "time/teacher_span_s")
+  wait, scoring = median(rows, "time/teacher_wait_s"), median(rows, "time/scoring_s")
+  period = median(rows, "period_s")
+  device = rollout + update_s
+  efficiency = max(device, span) / period
+  print(
+    f"{name:>13}: step {period * 1e3:7.1f} ms | rollout {rollout * 1e3:6.1f} | update "
+    f"{update_s * 1e3:6.1f} | teacher span {span * 1e3:6.1f} (wait {wait * 1e3:6.1f}) | scoring "
+    f"{scoring * 1e3:5.1f} | device {device * 1e3:6.1f} | overlap efficiency {efficiency:.3f}",
+    flush=True,
+  )
+  return efficiency
+
+
+def overlap_bench(args):
+  import contextlib
+  import io
+
+  from configs import math as math_config
+  from omniopd_jax import demo_models, serve, train
+
+  train.setup_logging()
+  root = args.workdir or tempfile.mkdtemp(prefix="omniopd_bench_step_")
+  os.makedirs(root, exist_ok=True)
+  _, teacher_dir = demo_models.build(root, math_config.get_config("smoke"), log=lambda m: None)
+  server = serve.start_subprocess(teacher_dir, log_path=os.path.join(root, "teacher_server.log"))
+  proxy, url = start_proxy(server.root, args.latency_ms)
+  print(
+    f"teacher: serve on the :smoke teacher behind +{args.latency_ms:g} ms per request; "
+    f"{args.warmup} warm-up + {args.steps} timed steps per mode, batch {args.batch_size}; "
+    f"workdir {root}",
+    flush=True,
+  )
+  results = {}
+  try:
+    for name, off in (("on_policy", False), ("one_step_off", True)):
+      log = io.StringIO()
+      with contextlib.redirect_stdout(log):  # the loop's own progress lines
+        results[name] = run_mode(args, root, url, off)
+  finally:
+    proxy.stdin.close()
+    proxy.wait(timeout=10)
+    server.stop()
+  # The update runs asynchronously in one_step_off (its time/update_s also covers the host work it
+  # overlaps), so both modes use the on-policy update time: same program, same shapes.
+  update_s = median(results["on_policy"], "time/update_s")
+  summarize("on_policy", results["on_policy"], update_s)
+  efficiency = summarize("one_step_off", results["one_step_off"], update_s)
+  print(
+    "on_policy cannot overlap: rollout -> teacher -> scoring -> update are serial within a step "
+    "(the next rollout needs this update); one_step_off runs the teacher and scoring of t+1 "
+    "during update t.",
+    flush=True,
+  )
+  print(f"overlap_efficiency={efficiency:.3f}", flush=True)
+
+
+# ------------------------------------------------------------------------------------------------
+# --mfu: the jitted OmniOPD update and the sampler on a randomly initialised model
+
+
+def mfu_config(chunk_len: int, steps: int):
+  """The fields train_step reads, as a nested namespace (no ml_collections needed)."""
+  ns = types.SimpleNamespace
+  return ns(
+    method="omniopd",
+    num_steps=steps,
+    micro_batches=1,
+    omniopd=ns(
+      chunk_len=chunk_len, beta=0.1, reduction="sequence_sum", norm_constant=0.0, kl_anchor=True
+    ),
+    optimizer=ns(
+      learning_rate=1e-6, warmup_steps=1, min_lr_ratio=0.1, weight_decay=0.0, b1=0.9, b2=0.95,
+      grad_clip=1.0,
+    ),
+    grpo=ns(group_size=8, clip_eps=0.2, beta=0.0),
+    opd=ns(estimator="sampled", teacher_path=""),
+  )  # fmt: skip
+
+
+def forward_flops(cfg, batch: int, prompt_len: int, response_len: int) -> float:
+  """Matmul FLOPs of one forward as train_step runs it: the trunk over the P + L - 1 input tokens,
+  attention over full [T, T] scores (as computed; PaLM's convention) and the LM head on L."""
+  e, d = cfg.hidden_size, cfg.dim_per_head
+  h, kv, f = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.intermediate_size
+  t = prompt_len + response_len - 1
+  per_token_layer = 2 * (e * d * (2 * h + 2 * kv) + 3 * e * f)  # q, k, v, o and the SwiGLU MLP
+  attention = 2 * 2 * t * t * h * d  # QK^T and PV per layer and row
+  layers = cfg.num_hidden_layers * batch * (per_token_layer * t + attention)
+  return layers + 2 * e * cfg.vocab_size * batch * response_len
+
+
+def peak_tflops(args, device) -> float | None:
+  if args.peak_tflops:
+    return args.peak_tflops
+  kind = device.device_kind.lower()
+  return next((p for name, p in PEAK_TFLOPS if name in kind), None)
+
+
+def timed(fn, repeats: int) -> list[float]:
+  times = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - t0)
+  return times
+
+
+def mfu_bench(args):
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from flax import nnx
+
+  from omniopd_jax import model as model_lib
+  from omniopd_jax import sampler, sharding, train_step
+
+  size = args.model_size
+  default_b, default_p, default_l = UPDATE_SHAPES[size]
+  b, p, length = (
+    args.batch or default_b,
+    args.prompt_len or default_p,
+    args.response_len or default_l,
+  )
+  dtype = jnp.dtype(args.dtype)
+  cfg = model_lib.ModelConfig(
+    **MODEL_SIZES[size], architecture="qwen3", qk_norm=True, tie_word_embeddings=True,
+    rope_theta=1e6, max_position_embeddings=max(4096, p + length),
+  )  # fmt: skip
+  device = jax.devices()[0]
+  mesh = sharding.make_mesh()
+  with jax.set_mesh(mesh):
+    model = sharding.create_sharded(
+      lambda: model_lib.CausalLM(cfg, dtype=dtype, param_dtype=jnp.float32, rngs=nnx.Rngs(0)), mesh
+    )
+  graphdef, params = nnx.split(model)
+  print(
+    f"model {size}: {cfg.num_params() / 1e6:.1f}M params (float32 master, {dtype.name} compute) "
+    f"on {jax.device_count()} x {device.device_kind}",
+    flush=True,
+  )
+
+  # Update: B x (P + L) tokens, M forks of C tokens per row with synthetic weights.
+  chunk, forks = args.chunk_len, args.num_forks
+  config = mfu_config(chunk, args.steps + 1)
+  base_params = jax.tree.map(lambda x: jnp.array(x, dtype=dtype, copy=True), params)
+  tx = train_step.make_optimizer(config.optimizer, config.num_steps)
+  state = train_step.init_state(params, tx, 0)
+  update = train_step.make_update_fn(config, mesh, graphdef, jax.eval_shape(lambda s: s, state))
+  state = jax.device_put(state, update.shardings)
+  rng = np.random.default_rng(0)
+  tokens = rng.integers(1, cfg.vocab_size, (b, p + length)).astype(np.int32)  # [B, P + L]
+  spacing = max(length // forks, chunk)
+  starts = np.minimum(np.arange(forks) * spacing, length - chunk)  # [M]
+  batch = {
+    "tokens": tokens,
+    "attention_mask": np.ones((b, p + length), bool),
+    "response_tokens": tokens[:, p:],
+    "response_mask": np.ones((b, length), bool),
+    "fork_starts": np.broadcast_to(starts, (b, forks)).astype(np.int32),  # [B, M]
+    "fork_mask": np.ones((b, forks), bool),  # [B, M]
+    "fork_weight": rng.uniform(-1, 1, (b, forks)).astype(np.float32),  # [B, M]
+  }
+  # In a dict so that they can be dropped before the rollout (device memory).
+  holder = {"state": state, "base": base_params, "batch": jax.device_put(batch)}
+  del state, base_params, batch
+
+  def step():
+    holder["state"], m = update(holder["state"], holder["base"], holder["batch"])
+    jax.block_until_ready(m["train/loss"])
+
+  t0 = time.perf_counter()
+  step()
+  compile_s = time.perf_counter() - t0
+  times = timed(step, args.steps)
+  step_s = statistics.median(times)
+  flops = 4 * forward_flops(cfg, b, p, length)  # student forward + backward (3x), base forward
+  tflops = flops / step_s / 1e12
+  peak = peak_tflops(args, device)
+  update_tok_s = b * (p + length) / step_s
+  print(
+    f"update: batch {b} x ({p} + {length}) tokens, {forks} forks x {chunk}: {step_s * 1e3:.1f} ms "
+    f"(median of {args.steps}; first call {compile_s:.1f} s), {update_tok_s:,.0f} tokens/s, "
+    f"{tflops:.1f} TFLOP/s" + (f", MFU {tflops / peak:.1%} of {peak:g}" if peak else ""),
+    flush=True,
+  )
+  # Rollout: sampler.generate (prefill + decode, no EOS so every row runs the full length) with the
+  # trained parameters (the originals were donated to the first update).
+  model = nnx.merge(graphdef, holder.pop("state").params)
+  holder.clear()
+  db, dp, dl = args.decode_batch, args.decode_prompt_len, args.decode_tokens
+  prompts = [list(rng.integers(1, cfg.vocab_size, dp)) for _ in range(db)]
+  gen = lambda: sampler.generate(model, prompts, max_new_tokens=dl, seed=1)  # noqa: E731
+  t0 = time.perf_counter()
+  gen()
+  gen_compile_s = time.perf_counter() - t0
+  gen_s = statistics.median(timed(gen, max(2, args.steps // 2)))
+  decode_tok_s = db * dl / gen_s
+  print(
+    f"rollout: batch {db}, prompt {dp}, {dl} new tokens: {gen_s * 1e3:.1f} ms "
+    f"(first call {gen_compile_s:.1f} s), {decode_tok_s:,.0f} decode tokens/s (prefill included)",
+    flush=True,
+  )
+  mfu = f" mfu={tflops / peak:.4f}" if peak else ""
+  print(
+    f"update_tokens_per_s={update_tok_s:.0f} update_tflops={tflops:.2f}{mfu} "
+    f"decode_tokens_per_s={decode_tok_s:.0f}",
+    flush=True,
+  )
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument("--quick", action="store_true", help="fewer steps (~1-2 min on CPU)")
+  parser.add_argument("--latency-ms", type=float, default=200.0, help="added per teacher request")
+  parser.add_argument("--steps", type=int, default=None, help="timed steps per mode")
+  parser.add_argument("--warmup", type=int, default=2, help="discarded (compile) steps per mode")
+  parser.add_argument("--batch-size", type=int, default=8, help="prompts per step (:smoke: 8)")
+  parser.add_argument("--max-new-tokens", type=int, default=0, help="0: :smoke's 32")
+  parser.add_argument("--workdir", default="", help="default: a fresh temporary directory")
+  parser.add_argument("--mfu", action="store_true", help="update MFU and decode tokens/s")
+  parser.add_argument("--model-size", choices=sorted(MODEL_SIZES), default="tiny")
+  parser.add_argument("--dtype", default="bfloat16", help="compute dtype (params stay float32)")
+  parser.add_argument("--batch", type=int, default=0, help="update rows (0: per model size)")
+  parser.add_argument("--prompt-len", type=int, default=0, help="update P (0: per model size)")
+  parser.add_argument("--response-len", type=int, default=0, help="update L (0: per model size)")
+  parser.add_argument("--chunk-len", type=int, default=50, help="C")
+  parser.add_argument("--num-forks", type=int, default=10, help="M")
+  parser.add_argument("--decode-batch", type=int, default=32)
+  parser.add_argument("--decode-prompt-len", type=int, default=128)
+  parser.add_argument("--decode-tokens", type=int, default=256)
+  parser.add_argument("--peak-tflops", type=float, default=0.0, help="0: from the device kind")
+  parser.add_argument("--proxy", action="store_true", help=argparse.SUPPRESS)
+  parser.add_argument("--upstream", default="", help=argparse.SUPPRESS)
+  args = parser.parse_args()
+  if args.proxy:
+    return run_proxy(args.upstream, args.latency_ms / 1e3)
+  if args.mfu:
+    if args.model_size == "tiny":
+      args.chunk_len, args.num_forks = min(args.chunk_len, 8), min(args.num_forks, 4)
+      args.decode_batch, args.decode_prompt_len = min(args.decode_batch, 8), 16
+      args.decode_tokens = min(args.decode_tokens, 32)
+    args.steps = args.steps or 5
+    return mfu_bench(args)
+  args.steps = args.steps or (4 if args.quick else 10)
+  return overlap_bench(args)
+
+
+if __name__ == "__main__":
+  main()
