@@ -123,15 +123,17 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.eval = evaluate.default_config()  # held-out evaluation (see evaluate.py)
   del c.eval["every"]  # the cadence is the top-level eval_every
 
-  # :demo only: how its teacher and student base are trained in-project (demo_models.py).
+  # :demo only: its teacher and student base (demo_models.py). "bundled" copies the shipped pair
+  # (made by `python -m omniopd_jax.demo_models`, which trains both with the fields below).
   c.demo = ml_collections.ConfigDict()
-  c.demo.teacher_examples = 4000  # worked chain-sum solutions to train on
-  c.demo.teacher_steps = 1200  # teacher SFT steps (4-layer Qwen3, d=128)
-  c.demo.student_steps = 150  # far fewer, on a smaller model: a weak but not hopeless base
+  c.demo.teacher_path = "bundled"  # bundled | "" (train here with SFT) | an HF dir to copy
+  c.demo.student_path = "bundled"  # bundled | "" (train here with SFT) | an HF dir to copy
+  c.demo.teacher_examples = 8000  # worked chain-sum solutions to train on
+  c.demo.teacher_steps = 6000  # teacher SFT steps (4-layer Qwen3, d=128)
+  c.demo.student_steps = 800  # on a smaller model (2-layer Llama, d=96): weak, not hopeless
   c.demo.sft_batch_size = 32
   c.demo.teacher_lr = 2e-3  # peak; cosine decay to 5%
   c.demo.student_lr = 1e-3
-  c.demo.teacher_path = ""  # an HF dir to copy as the teacher instead of training one
 
   c.smoke_serve_teacher = False  # smoke/demo: start our own teacher server when base_url is ""
 

@@ -24,6 +24,10 @@ STUDENT = dict(hidden_size=96, intermediate_size=256, num_hidden_layers=2, num_a
 TEACHER = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
                num_key_value_heads=2)  # fmt: skip
 
+# The shipped pair (fp32 safetensors, ~4 MB together), made on one GPU by this module's own
+# command (see the docstring); `config.demo.teacher_path` / `student_path` = "bundled" copies them.
+BUNDLED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
+
 # reasoning-gym's chain_sum questions open with this sentence; the demo's chat template drops it,
 # so a prompt reads "Q: 7 + 4 - 2 =\nA: " (a third of the tokens: every step is cheaper).
 BOILERPLATE = "State the final answer to the following arithmetic problem: "
@@ -81,6 +85,7 @@ def sft_train(model, tokenizer, pairs, *, steps, batch_size, learning_rate, seed
   tx = train_step.make_optimizer(config.optimizer, steps)
   state = train_step.init_state(params, tx, seed)
   update = train_step.make_update_fn(config, mesh, graphdef, jax.eval_shape(lambda: state))
+  state = jax.device_put(state, update.shardings)  # as the update returns it: one compile
   prompt_len = max(len(p) for p, _ in pairs)
   length = max(len(r) for _, r in pairs)
   rng = np.random.RandomState(seed)
@@ -136,8 +141,9 @@ def _train(name, sizes, architecture, config, tokenizer, pairs, *, steps, lr, se
 def build(workdir: str, config, log=print) -> tuple[str, str]:
   """(student_dir, teacher_dir) for the smoke/demo variants, built once and cached.
 
-  With `config.demo.teacher_path` set (demo only), that HF directory is copied as the teacher
-  instead of training one.
+  Demo: `config.demo.teacher_path` / `student_path` name an HF directory to copy ("bundled": the
+  pair shipped in omniopd_jax/assets), or "" to train that model here with `sft_train` (the
+  teacher takes ~6000 steps to pass 90%: tens of minutes on 2 CPU cores, seconds on a GPU).
   """
   root = os.path.join(workdir, "models")
   student_dir, teacher_dir = os.path.join(root, "student"), os.path.join(root, "teacher")
@@ -156,21 +162,30 @@ def build(workdir: str, config, log=print) -> tuple[str, str]:
 
   d = config.demo
   pairs = None
-  if not _ready(teacher_dir):
-    if d.teacher_path:
-      log(f"demo: teacher copied from {d.teacher_path}")
-      shutil.copytree(d.teacher_path, teacher_dir + ".tmp", dirs_exist_ok=True)
-      os.replace(teacher_dir + ".tmp", teacher_dir)
-    else:
-      pairs = _pairs(config, tokenizer, log)
-      teacher = _train("teacher", TEACHER, "qwen3", config, tokenizer, pairs,
-                       steps=d.teacher_steps, lr=d.teacher_lr, seed=config.seed + 1, log=log)  # fmt: skip
-      save(teacher, tokenizer, teacher_dir)
-  if not _ready(student_dir):
+  for name, out, source, sizes, arch, steps, lr, seed in (
+    ("teacher", teacher_dir, d.teacher_path, TEACHER, "qwen3", d.teacher_steps, d.teacher_lr,
+     config.seed + 1),
+    ("student base", student_dir, d.student_path, STUDENT, "llama", d.student_steps, d.student_lr,
+     config.seed),
+  ):  # fmt: skip
+    if _ready(out):
+      continue
+    if source:
+      path = os.path.join(BUNDLED, f"demo_{name.split()[0]}") if source == "bundled" else source
+      if not _ready(path):
+        raise FileNotFoundError(
+          f"config.demo: {name} source {source!r} -> {path} is not an HF model directory; set it "
+          f"to '' to train the {name} here"
+        )
+      log(f"demo: {name} copied from {path}")
+      shutil.rmtree(out + ".tmp", ignore_errors=True)
+      shutil.copytree(path, out + ".tmp")
+      os.replace(out + ".tmp", out)
+      continue
     pairs = pairs or _pairs(config, tokenizer, log)
-    student = _train("student base", STUDENT, "llama", config, tokenizer, pairs,
-                     steps=d.student_steps, lr=d.student_lr, seed=config.seed, log=log)  # fmt: skip
-    save(student, tokenizer, student_dir)
+    model = _train(name, sizes, arch, config, tokenizer, pairs, steps=steps, lr=lr, seed=seed,
+                   log=log)  # fmt: skip
+    save(model, tokenizer, out)
   return student_dir, teacher_dir
 
 
@@ -199,6 +214,7 @@ def main(argv):
   for name in ("teacher_steps", "student_steps", "teacher_examples"):
     if getattr(f, name):
       config.demo[name] = getattr(f, name)
+  config.demo.teacher_path = config.demo.student_path = ""  # train both here
   build(f.out, config)
   print(f"wrote {f.out}/models/teacher and {f.out}/models/student")
 

@@ -22,10 +22,10 @@ from absl import app, flags, logging
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Where the models, runs, results.md and accuracy.png go.")
-flags.DEFINE_bool("quick", False, "Tiny: a few steps, 1 seed, 1 learning rate, tiny models.")
+flags.DEFINE_bool("quick", False, "Plumbing check: untrained tiny models, 2 steps, 1 seed, 1 lr.")
 flags.DEFINE_integer("seeds", 0, "Seeds per (variant, learning rate); 0 = 3 (1 with --quick).")
 flags.DEFINE_integer(
-  "steps", 0, "Optimizer steps per run; 0 = the :demo config's (3 with --quick)."
+  "steps", 0, "Optimizer steps per run; 0 = the :demo config's (2 with --quick)."
 )
 flags.DEFINE_string("models", "", "A directory with student/ and teacher/ HF dirs to reuse.")
 flags.DEFINE_string("lrs", "", "Comma-separated learning-rate sweep (default 3e-4,1e-3).")
@@ -88,17 +88,17 @@ def base_config(quick: bool):
   config.unlock()
   if quick:
     config.batch_size = 8
-    config.rollout.max_new_tokens = 48
-    config.eval.num_examples = config.data.eval_size = 16
-    config.eval.batch_size = 16
-    config.demo.update(teacher_examples=200, teacher_steps=30, student_steps=10)
+    config.rollout.max_new_tokens = 32
+    config.eval.num_examples = config.data.eval_size = 8
+    config.eval.batch_size = 8
     config.omniopd.update(num_forks=2, num_teacher_samples=2, num_drafts=2)
     config.grpo.group_size = 4
   return config
 
 
-def prepare_models(workdir: str, config, models: str) -> tuple[str, str]:
-  """(student dir, teacher dir): `models` if given, else built (once) by demo_models."""
+def prepare_models(workdir: str, config, models: str, quick: bool) -> tuple[str, str]:
+  """(student dir, teacher dir): `models` if given, else built (once) by demo_models: the demo's
+  trained pair, or with `quick` the smoke variant's untrained tiny pair (plumbing only)."""
   from omniopd_jax import demo_models
 
   if models:
@@ -107,6 +107,9 @@ def prepare_models(workdir: str, config, models: str) -> tuple[str, str]:
       if not os.path.exists(os.path.join(path, "config.json")):
         raise FileNotFoundError(f"--models={models}: {path} is not an HF model directory")
     return student, teacher
+  if quick:
+    config = config.copy_and_resolve_references()
+    config.variant = "smoke"
   return demo_models.build(workdir, config, log=lambda m: print(m, flush=True))
 
 
@@ -166,7 +169,7 @@ def run_config(base, variant: Variant, *, lr: float, seed: int, steps: int, stud
   config.method = variant.method
   config.seed = seed
   config.num_steps = steps
-  config.eval_every = max(steps // 4, 1)
+  config.eval_every = steps // 4  # 0 (short runs): only before and after
   config.checkpoint_every = steps  # one checkpoint, at the end
   config.keep_checkpoints = 1
   config.model.student_path = student
@@ -340,14 +343,14 @@ def compare(workdir: str, *, quick=False, seeds=0, steps=0, models="", lrs=(), o
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
   base = base_config(quick)
   seeds = seeds or (1 if quick else 3)
-  steps = steps or (3 if quick else base.num_steps)
+  steps = steps or (2 if quick else base.num_steps)
   lrs = tuple(lrs) or ((LRS[0],) if quick else LRS)
   variants = [v for v in VARIANTS if not only or v.name in only]
   if only and len(variants) != len(only):
     unknown = set(only) - {v.name for v in VARIANTS}
     raise ValueError(f"unknown --only names {sorted(unknown)}: choose from "
                      f"{[v.name for v in VARIANTS]}")  # fmt: skip
-  student, teacher = prepare_models(workdir, base, models)
+  student, teacher = prepare_models(workdir, base, models, quick)
   other = permuted_tokenizer_teacher(teacher, os.path.join(workdir, "models", "teacher_other_tok"))
   servers: dict = {}
 

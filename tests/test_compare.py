@@ -1,0 +1,93 @@
+"""experiments.compare: the different-tokenizer teacher is the same function under another vocabulary,
+the summary statistics, and the --quick run end to end (every row, opd refusing, files written)."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from omniopd_jax.experiments import compare
+
+
+@pytest.fixture(scope="module")
+def smoke_models(tmp_path_factory):
+  from configs import math as math_config
+  from omniopd_jax import demo_models
+
+  workdir = tmp_path_factory.mktemp("cmp_models")
+  student, teacher = demo_models.build(str(workdir), math_config.get_config("smoke"), log=print)
+  return workdir, student, teacher
+
+
+def test_permuted_tokenizer_teacher_is_the_same_function(smoke_models):
+  import jax.numpy as jnp
+
+  from omniopd_jax import hf
+
+  workdir, _, teacher = smoke_models
+  other = compare.permuted_tokenizer_teacher(teacher, str(workdir / "other"))
+  model_a, tok_a = hf.load_pretrained(teacher)
+  model_b, tok_b = hf.load_pretrained(other)
+  assert tok_a.get_vocab() != tok_b.get_vocab()  # opd must refuse this pair
+  assert set(tok_a.get_vocab()) == set(tok_b.get_vocab())
+  assert tok_b.eos_token_id == tok_a.eos_token_id  # specials keep their ids
+  text = "Q: 12 + 7 - 30 =\nA: 12 + 7 = 19\n"
+  ids_a, ids_b = tok_a.encode(text), tok_b.encode(text)
+  assert ids_a != ids_b and tok_b.decode(ids_b) == text
+  logits_a = np.asarray(model_a(jnp.asarray([ids_a])))[0]  # [T, V]
+  logits_b = np.asarray(model_b(jnp.asarray([ids_b])))[0]  # [T, V]
+  vocab_a, vocab_b = tok_a.get_vocab(), tok_b.get_vocab()
+  order = [vocab_b[t] for t, _ in sorted(vocab_a.items(), key=lambda kv: kv[1])]
+  np.testing.assert_allclose(logits_b[:, order], logits_a, rtol=1e-5, atol=1e-5)
+
+
+def test_summarize_mean_std_and_refusals(tmp_path):
+  runs = [
+    dict(variant="sft", group="method", method="sft", lr=1e-3, seed=s, before=0.2, after=a,
+         wall_s=10.0, teacher_tokens=0.0, curve=[(0, 0.2), (4, a)])
+    for s, a in enumerate([0.3, 0.5, 0.4])
+  ] + [dict(variant="other-tokenizer-opd", group="tokenizer", method="opd", lr=3e-4, seed=0,
+            error="method=opd (white-box OPD) needs a teacher with the student's tokenizer")]  # fmt: skip
+  rows = {r["variant"]: r for r in compare.summarize(runs)}
+  assert rows["sft"]["after_mean"] == pytest.approx(0.4)
+  assert rows["sft"]["after_std"] == pytest.approx(np.std([0.3, 0.5, 0.4], ddof=1))
+  assert rows["sft"]["seeds"] == 3
+  assert "error" in rows["other-tokenizer-opd"]
+  path = tmp_path / "r.md"
+  compare.write_markdown(list(rows.values()), str(path), "# t")
+  text = path.read_text()
+  assert "| sft | 0.001 | 3 | 0.200 | 0.400 +- 0.100 | +0.200 |" in text
+  assert "refused: method=opd" in text
+  compare.plot(runs, list(rows.values()), str(tmp_path / "a.png"))
+  assert (tmp_path / "a.png").stat().st_size > 1000
+
+
+def test_quick_compare_end_to_end(tmp_path, smoke_models):
+  workdir, _, _ = smoke_models
+  out = tmp_path / "cmp"
+  compare.compare(str(out), quick=True, models=str(workdir / "models"))
+  text = (out / "results.md").read_text()
+  assert (out / "accuracy.png").stat().st_size > 1000
+  rows = {r["variant"]: r for r in json.loads((out / "results.json").read_text())["rows"]}
+  assert set(rows) == {v.name for v in compare.VARIANTS}
+  for v in compare.VARIANTS:
+    assert f"| {v.name} |" in text
+  refused = rows["other-tokenizer-opd"]
+  assert "tokenizer" in refused["error"] and "omniopd" in refused["error"]
+  assert "refused" in text
+  for name, row in rows.items():
+    if name == "other-tokenizer-opd":
+      continue
+    assert "error" not in row, name
+    assert 0.0 <= row["after_mean"] <= 1.0
+    # Teachers were really used: OmniOPD through HTTP (continuation tokens), OPD in process.
+    if row["method"] in ("omniopd", "opd"):
+      assert row["teacher_tokens"] > 0, name
+    else:
+      assert row["teacher_tokens"] == 0, name
+  assert os.path.exists(out / "runs" / "omniopd-centered" / "lr0.0003" / "seed0" / "result.json")
+  # A repeated command reuses finished runs instead of training again.
+  before = os.path.getmtime(out / "runs" / "sft" / "lr0.0003" / "seed0" / "result.json")
+  compare.compare(str(out), quick=True, models=str(workdir / "models"), only=("sft",))
+  assert os.path.getmtime(out / "runs" / "sft" / "lr0.0003" / "seed0" / "result.json") == before

@@ -1,0 +1,77 @@
+"""demo_models: compact demo prompts, the cached smoke/demo model pair, the in-project SFT (the
+documented build command at CI size) and the shipped teacher/student pair's held-out accuracy."""
+
+import os
+
+import pytest
+
+from configs import math as math_config
+from omniopd_jax import data, demo_models, hf
+
+
+def demo_config(**demo):
+  config = math_config.get_config("demo")
+  config.unlock()
+  config.data.eval_size = config.eval.num_examples = 8
+  config.demo.update(**demo)
+  return config
+
+
+def test_demo_prompts_drop_the_boilerplate():
+  tok = demo_models.make_tokenizer()
+  question = demo_models.BOILERPLATE + "12 + 7 - 30 ="
+  ids, text = data.render_prompt(tok, question, demo_config().data)
+  assert text == "<bos>Q: 12 + 7 - 30 =\nA: "
+  assert ids[0] == tok.bos_token_id and len(ids) == 1 + len("Q: 12 + 7 - 30 =\nA: ")
+
+
+def test_smoke_models_are_built_once(tmp_path):
+  config = math_config.get_config("smoke")
+  student, teacher = demo_models.build(str(tmp_path), config, log=print)
+  for path in (student, teacher):
+    assert hf.read_hf_config(path)["vocab_size"] == len(demo_models.make_tokenizer())
+    assert hf.load_tokenizer(path).chat_template == demo_models.make_tokenizer().chat_template
+  mtime = os.path.getmtime(os.path.join(student, "model.safetensors"))
+  assert demo_models.build(str(tmp_path), config, log=print) == (student, teacher)
+  assert os.path.getmtime(os.path.join(student, "model.safetensors")) == mtime
+
+
+def test_demo_build_trains_and_caches(tmp_path):
+  """The build command's path at CI size: the teacher is copied, the student base trained here
+  (its SFT loss falls), then a second build reuses both."""
+  smoke_student, smoke_teacher = demo_models.build(
+    str(tmp_path / "smoke"), math_config.get_config("smoke"), log=print
+  )
+  config = demo_config(teacher_path=smoke_teacher, student_path="", student_steps=25,
+                       teacher_examples=64, student_lr=3e-3)  # fmt: skip
+  logs = []
+  student, teacher = demo_models.build(str(tmp_path / "demo"), config, log=logs.append)
+  assert any("teacher copied from" in m for m in logs)
+  assert any("training the student base" in m for m in logs)
+  losses = [float(m.split("loss ")[1].split()[0]) for m in logs if "sft step" in m]
+  assert len(losses) >= 3 and losses[-1] < losses[0] - 0.5, losses
+  assert hf.read_hf_config(teacher)["num_hidden_layers"] == demo_models.TEACHER["num_hidden_layers"]
+  assert hf.read_hf_config(student)["num_hidden_layers"] == demo_models.STUDENT["num_hidden_layers"]
+  logs.clear()
+  assert demo_models.build(str(tmp_path / "demo"), config, log=logs.append) == (student, teacher)
+  assert not logs
+
+
+def test_missing_source_is_a_clear_error(tmp_path):
+  config = demo_config(teacher_path=str(tmp_path / "nowhere"))
+  with pytest.raises(FileNotFoundError, match="not an HF model directory"):
+    demo_models.build(str(tmp_path), config, log=print)
+
+
+@pytest.mark.skipif(not os.path.isdir(os.path.join(demo_models.BUNDLED, "demo_teacher")),
+                    reason="no bundled demo models")  # fmt: skip
+def test_bundled_pair_strong_teacher_weaker_student():
+  examples = 64
+  config = demo_config()
+  config.data.eval_size = examples
+  accuracy = {}
+  for name in ("teacher", "student"):
+    model, tok = hf.load_pretrained(os.path.join(demo_models.BUNDLED, f"demo_{name}"))
+    accuracy[name] = demo_models.greedy_accuracy(model, tok, config.data, examples, 64)
+  assert accuracy["teacher"] >= 0.8, accuracy
+  assert 0.1 <= accuracy["student"] <= 0.6, accuracy
