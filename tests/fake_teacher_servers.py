@@ -139,10 +139,10 @@ class FakeTeacher:
       self.billed["ok"] += 1
       if fault == "slow":  # headers now, the body in slow pieces (bounded: 4 pieces)
         resp = web.StreamResponse(headers={"Content-Type": "application/json"})
-        await resp.prepare(request)
         data = json.dumps(payload).encode()
         step = len(data) // 4 + 1
         try:
+          await resp.prepare(request)
           for i in range(0, len(data), step):
             await resp.write(data[i : i + step])
             await asyncio.sleep(self.slow_s / 4)
