@@ -8,6 +8,7 @@ loads; concurrent requests are batched into sampler calls. Also runs it in a sub
 import argparse
 import asyncio
 import atexit
+import collections
 import concurrent.futures
 import os
 import queue
@@ -21,6 +22,7 @@ import time
 import urllib.request
 import uuid
 
+import jax
 from aiohttp import web
 
 from omniopd_jax import teacher_local
@@ -170,38 +172,59 @@ def completion_response(job, choices, model_name: str, return_token_ids: bool) -
   }
 
 
-def error_response(status: int, message: str, param=None, code=None, kind=None):
-  kind = kind or ("invalid_request_error" if status < 500 else "internal_server_error")
-  error = {"message": message, "type": kind, "param": param, "code": code}
-  return web.json_response({"error": error}, status=status)
+def error_body(status: int, message: str, param=None, code=None) -> dict:
+  kind = "invalid_request_error" if status < 500 else "internal_server_error"
+  return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+async def handle_completion(body, teacher, batcher, max_tokens_cap=None) -> tuple[int, dict]:
+  """(HTTP status, JSON body) answering one /v1/completions body (shared by the HTTP route and
+  the in-process `local` backend)."""
+  cap = min(max_tokens_cap or teacher.max_model_len, teacher.max_model_len)
+  try:
+    job, opts = parse_request(body, teacher, max_tokens_cap=cap)
+  except BadRequest as e:
+    return 400, error_body(400, e.message, e.param, e.code)
+  try:
+    choices = await batcher.submit(job)
+  except Exception as e:  # noqa: BLE001  (reported to the caller, who may retry a 500)
+    return 500, error_body(500, f"generation failed: {e!r}")
+  return 200, completion_response(job, choices, teacher.name, **opts)
 
 
 # ---------------------------------------------------------------------------------- batching
 
 
 class Batcher:
-  """Gathers concurrent jobs (for `wait_s`, up to `max_batch` rows) into one `teacher.run` on a
-  single worker thread, so JAX work never blocks the event loop and runs one batch at a time."""
+  """Gathers concurrent jobs (arrivals within `wait_s`, up to `max_batch` rows) into one
+  `teacher.run` on a single worker thread, so JAX work never blocks the event loop and runs one
+  batch at a time. The gathering task lives only while jobs are pending."""
 
   def __init__(self, teacher, max_batch: int, wait_s: float = BATCH_WAIT_S):
     self.teacher, self.max_batch, self.wait_s = teacher, max_batch, wait_s
-    self._queue: asyncio.Queue = asyncio.Queue()
+    self._pending: collections.deque = collections.deque()  # (job, future)
+    self._task: asyncio.Task | None = None
     self._work: queue.Queue = queue.Queue()
     # A daemon thread (not an executor) so that shutdown never waits on a running batch.
     threading.Thread(target=self._worker, name="serve-jax", daemon=True).start()
-    self._task = asyncio.get_running_loop().create_task(self._gather())
 
   async def submit(self, job):
-    future = asyncio.get_running_loop().create_future()
-    await self._queue.put((job, future))
+    loop = asyncio.get_running_loop()
+    future = loop.create_future()
+    self._pending.append((job, future))
+    if self._task is None or self._task.done():
+      self._task = loop.create_task(self._gather())
     result = await future
     if isinstance(result, Exception):
       raise result
     return result
 
   def close(self):
-    self._task.cancel()
+    """Stops the worker thread (callable from any thread, also after the loop stopped)."""
     self._work.put(None)
+    task, self._task = self._task, None
+    if task is not None and not task.done() and not task.get_loop().is_closed():
+      task.get_loop().call_soon_threadsafe(task.cancel)
 
   def _worker(self):
     while (item := self._work.get()) is not None:
@@ -212,15 +235,12 @@ class Batcher:
         done.set_exception(e)
 
   async def _gather(self):
-    loop = asyncio.get_running_loop()
-    while True:
-      items = [await self._queue.get()]
-      rows, deadline = items[0][0].rows, loop.time() + self.wait_s
-      while rows < self.max_batch and (left := deadline - loop.time()) > 0:
-        try:
-          items.append(await asyncio.wait_for(self._queue.get(), left))
-        except TimeoutError:
-          break
+    while self._pending:
+      if sum(job.rows for job, _ in self._pending) < self.max_batch:
+        await asyncio.sleep(self.wait_s)  # let concurrent requests join this batch
+      items, rows = [], 0
+      while self._pending and (not items or rows + self._pending[0][0].rows <= self.max_batch):
+        items.append(self._pending.popleft())
         rows += items[-1][0].rows
       done = concurrent.futures.Future()
       self._work.put((self.teacher.run, ([job for job, _ in items],), done))
@@ -238,7 +258,6 @@ class Batcher:
 
 def make_app(teacher, *, max_batch: int = 64, max_tokens_cap: int | None = None) -> web.Application:
   """The aiohttp app: POST /v1/completions, GET /v1/models, GET /health."""
-  cap = min(max_tokens_cap or teacher.max_model_len, teacher.max_model_len)
   app = web.Application(client_max_size=64 * 2**20)
   state = {}
 
@@ -252,16 +271,10 @@ def make_app(teacher, *, max_batch: int = 64, max_tokens_cap: int | None = None)
     try:
       body = await request.json()
     except ValueError as e:
-      return error_response(400, f"the request body is not valid JSON: {e}")
-    try:
-      job, opts = parse_request(body, teacher, max_tokens_cap=cap)
-    except BadRequest as e:
-      return error_response(400, e.message, e.param, e.code)
-    try:
-      choices = await state["batcher"].submit(job)
-    except Exception as e:  # noqa: BLE001  (reported to the caller, who may retry a 500)
-      return error_response(500, f"generation failed: {e!r}")
-    return web.json_response(completion_response(job, choices, teacher.name, **opts))
+      status, out = 400, error_body(400, f"the request body is not valid JSON: {e}")
+    else:
+      status, out = await handle_completion(body, teacher, state["batcher"], max_tokens_cap)
+    return web.json_response(out, status=status)
 
   async def models(request):
     card = {
@@ -322,7 +335,10 @@ async def serve(teacher, host: str, port: int, parent_pid: int | None = None, **
   for sig in (signal.SIGTERM, signal.SIGINT):
     loop.add_signal_handler(sig, stop.set)
   runner, port = await _start(make_app(teacher, **app_kwargs), host, port)
-  print(f"omniopd_jax.serve: ready at {_url(host, port)} (model {teacher.name})", flush=True)
+  device = jax.devices()[0].platform
+  print(
+    f"omniopd_jax.serve: ready at {_url(host, port)} (model {teacher.name}, {device})", flush=True
+  )
   while not stop.is_set():
     try:
       await asyncio.wait_for(stop.wait(), 0.5)
@@ -415,6 +431,8 @@ def start_subprocess(
 
   `port=0` lets the server pick a free port. Other keyword flags become command-line flags
   (`max_batch=8` -> `--max_batch 8`). Output goes to `log_path` (default: a temporary file).
+  The child inherits `env` (default: os.environ) with XLA_PYTHON_CLIENT_PREALLOCATE=false unless
+  set; on a TPU host, which one process owns, pass env with JAX_PLATFORMS=cpu for a CPU teacher.
   Raises RuntimeError, with the log's tail, when the server exits or is not ready in `timeout_s`.
   """
   if not os.path.exists(os.path.join(model_dir, "config.json")):
@@ -431,6 +449,8 @@ def start_subprocess(
     if value is not None:
       cmd += [f"--{name}", str(value)]
   env = dict(os.environ if env is None else env)
+  # A sidecar teacher must not grab most of a GPU the trainer shares (JAX preallocates 75%).
+  env.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
   package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))
   with open(log_path, "ab") as log:

@@ -22,6 +22,7 @@ MAX_LOGPROBS = 20  # top log-probs per token, as vLLM's default max_logprobs
 # Score (teacher-forced) calls hold [rows, S, V] float32 log-probs: rows are capped to this many
 # elements so a big vocabulary never asks for more than ~1 GiB.
 _SCORE_ELEMENTS = 1 << 28
+_GREEDY_BELOW = 1e-5
 
 
 class RequestError(ValueError):
@@ -197,7 +198,9 @@ class LocalTeacher:
       p = job.params
       if p.max_tokens == 0:
         continue
-      key = (generation_length(p.max_tokens), p.temperature, p.top_p, p.top_k, p.n, p.ignore_eos)
+      # Below 1e-5 temperature is greedy (as in vLLM): dividing logits by it would overflow.
+      temperature = 0.0 if p.temperature < _GREEDY_BELOW else p.temperature
+      key = (generation_length(p.max_tokens), temperature, p.top_p, p.top_k, p.n, p.ignore_eos)
       groups.setdefault(key + ((ji,) if p.seed is not None else ()), []).append(ji)
     out: dict[int, list] = {}
     for key, jis in groups.items():
@@ -428,12 +431,13 @@ def _samples(job: Job, result) -> list[tb.Sample]:
 
 
 class LocalBackend(tb.OpenAICompletions):
-  """The `local` teacher backend: a LocalTeacher served in process (omniopd_jax.serve on a daemon
-  thread, 127.0.0.1, a free port), so TeacherClient's pacing, cache and accounting apply as for
-  any `openai_completions` server.
+  """The `local` teacher backend: a LocalTeacher in process. TeacherClient calls `send` instead of
+  HTTP, and it answers exactly as `omniopd_jax.serve` would (same batching, seeds, errors), so the
+  client's pacing, cache and accounting apply as for any `openai_completions` server.
 
     backend = teacher_local.LocalBackend("hf_dir")
     client = teacher_client.TeacherClient(backend, max_tokens=32)
+    # or TeacherClient.from_config(dict(backend="local", model_path="hf_dir", ...))
   """
 
   name = "local"
@@ -445,18 +449,29 @@ class LocalBackend(tb.OpenAICompletions):
     *,
     dtype: str = "float32",
     max_batch: int = 64,
-    base_url: str | None = None,  # ignored: the server picks a free port
+    base_url: str | None = None,  # ignored: nothing goes over the network
     api_key: str | None = None,  # ignored
     **kwargs,
   ):
     del base_url, api_key
     if not model_path:
       raise ValueError("teacher backend `local` needs model_path: an HF model directory.")
+    self.teacher = LocalTeacher.from_pretrained(
+      model_path, dtype=dtype, name=model, max_batch=max_batch
+    )
+    self._batcher = None
+    super().__init__(model or self.teacher.name, base_url=f"local://{self.teacher.name}", **kwargs)
+
+  async def send(self, call: tb.HttpCall, data: bytes) -> tuple[int, dict, bytes]:
+    """(status, headers, body bytes) for one call, on the client's event loop."""
     from omniopd_jax import serve  # noqa: PLC0415  (serve imports this module)
 
-    teacher = LocalTeacher.from_pretrained(model_path, dtype=dtype, name=model, max_batch=max_batch)
-    self.server = serve.ServerThread(teacher, max_batch=max_batch)
-    super().__init__(model or teacher.name, base_url=self.server.url, **kwargs)
+    if self._batcher is None:  # created on the loop that calls send
+      self._batcher = serve.Batcher(self.teacher, self.teacher.max_batch)
+    status, body = await serve.handle_completion(call.payload, self.teacher, self._batcher)
+    return status, {}, json.dumps(body).encode()
 
   def close(self) -> None:
-    self.server.close()
+    if self._batcher is not None:
+      self._batcher.close()
+      self._batcher = None

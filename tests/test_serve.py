@@ -4,6 +4,10 @@ strings, log-probs and echo against a transformers teacher-forced pass, 400s, an
 
 import concurrent.futures
 import json
+import os
+import signal
+import subprocess
+import sys
 import threading
 import time
 import urllib.error
@@ -367,6 +371,27 @@ def test_batcher_groups_concurrent_requests():
   for i, out in enumerate(outs):  # every request got its own answer back
     assert out["choices"][0]["text"] == f"job{stub.tokenize(f'p{i}')}"
   assert sum(stub.batches) == 12 and len(stub.batches) < 12 and max(stub.batches) > 1
+
+
+def test_server_dies_with_its_parent_on_ctrl_c(hf_model):
+  """Ctrl-C in the process that started the server stops it (atexit, process group)."""
+  script = (
+    "import sys, time; from omniopd_jax import serve; "
+    "h = serve.start_subprocess(sys.argv[1]); print(h.root, h.proc.pid, flush=True); time.sleep(120)"
+  )
+  parent = subprocess.Popen(
+    [sys.executable, "-c", script, hf_model[0]], stdout=subprocess.PIPE, text=True
+  )
+  try:
+    root, pid = parent.stdout.readline().split()
+    assert _reachable(root + "/health")
+    parent.send_signal(signal.SIGINT)
+    parent.wait(60)
+    with pytest.raises(ProcessLookupError):  # reaped by the parent's stop()
+      os.kill(int(pid), 0)
+    assert not _reachable(root + "/health")
+  finally:
+    parent.kill()
 
 
 def test_start_subprocess_reports_a_failed_start(tmp_path):
