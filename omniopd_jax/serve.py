@@ -83,11 +83,9 @@ def parse_request(body, teacher, *, max_tokens_cap: int) -> tuple[teacher_local.
   best_of = body.get("best_of")
   if best_of is not None and best_of != body.get("n", 1):
     raise BadRequest("`best_of` is not supported by this server; leave it unset", "best_of")
-  positive = "a positive integer"
-  n = _field(body, "n", int, 1, lambda v: v >= 1, positive)
-  max_tokens = _field(
-    body, "max_tokens", int, min(DEFAULT_MAX_TOKENS, max_tokens_cap), lambda v: v >= 0, positive
-  )
+  n = _field(body, "n", int, 1, lambda v: v >= 1, "a positive integer")
+  default_max = min(DEFAULT_MAX_TOKENS, max_tokens_cap)
+  max_tokens = _field(body, "max_tokens", int, default_max, lambda v: v >= 0, "an integer >= 0")
   if max_tokens > max_tokens_cap:
     raise BadRequest(
       f"`max_tokens`={max_tokens} is above this server's cap of {max_tokens_cap} (the smaller of "
