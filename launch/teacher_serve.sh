@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Usage: TEACHER_MODEL=/ckpt/teacher bash launch/teacher_serve.sh [EXTRA_SERVE_FLAGS...]
+# Usage: TEACHER_MODEL=/ckpt/teacher bash launch/teacher_serve.sh [EXTRA_FLAGS, e.g. --dtype bfloat16]
 # Serves an HF safetensors checkpoint (Llama / Qwen2 / Qwen3 family) with our own JAX server,
 # omniopd_jax.serve: the same OpenAI-compatible /v1/completions the openai_completions client
 # speaks, on any JAX accelerator (or CPU). Run it on a host other than the training hosts: an
@@ -21,7 +21,8 @@ if [[ ! -x "$python" ]]; then
   python=python3
 fi
 echo "training flags: --config.teacher.backend=openai_completions" \
-  "--config.teacher.base_url=http://$(hostname):$TEACHER_PORT/v1" >&2
+  "--config.teacher.base_url=http://$(hostname):$TEACHER_PORT/v1" \
+  "--config.teacher.model=$TEACHER_NAME" >&2
 cd "$repo_root"
-run "$python" -m omniopd_jax.serve --model "$TEACHER_MODEL" \
+run "$python" -m omniopd_jax.serve --model "$TEACHER_MODEL" --served_model_name "$TEACHER_NAME" \
   --host "$TEACHER_HOST" --port "$TEACHER_PORT" "$@"

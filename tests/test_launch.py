@@ -7,6 +7,7 @@ logs are exercised for real; only the network and the accelerators are faked.
 """
 
 import json
+import os
 import pathlib
 import shutil
 import subprocess
@@ -399,7 +400,26 @@ def test_teacher_serve(sandbox, tmp_path):
                                           "TEACHER_PORT": "8123"})  # fmt: skip
   (call,) = calls("python")
   assert call["argv"] == [
-    "-m", "omniopd_jax.serve", "--model", "/ckpt/t", "--host", "0.0.0.0", "--port", "8123",
-    "--extra",
+    "-m", "omniopd_jax.serve", "--model", "/ckpt/t", "--served_model_name", "teacher",
+    "--host", "0.0.0.0", "--port", "8123", "--extra",
   ]  # fmt: skip
   assert call["cwd"] == str(ROOT)
+
+
+def test_teacher_serve_flags_match_the_real_server():
+  """Our real server accepts every flag the script passes (it then fails on the missing model)."""
+  env = {
+    **os.environ,
+    "VENV": str(pathlib.Path(sys.executable).parents[1]),
+    "TEACHER_MODEL": "/nonexistent-teacher",
+    "TEACHER_HOST": "127.0.0.1",
+    "TEACHER_PORT": "0",
+    "JAX_PLATFORMS": "cpu",
+  }
+  out = subprocess.run(
+    ["bash", str(LAUNCH / "teacher_serve.sh"), "--dtype", "bfloat16"],
+    env=env, cwd=ROOT, capture_output=True, text=True, timeout=120,
+  )  # fmt: skip
+  assert out.returncode != 0
+  assert "unrecognized arguments" not in out.stderr and "invalid choice" not in out.stderr
+  assert "/nonexistent-teacher/config.json does not exist" in out.stderr
