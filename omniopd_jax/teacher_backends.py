@@ -422,7 +422,8 @@ def _usage_shares(call: HttpCall, tokens_in: int, tokens_out: int, outs: list[in
 
 def _sample(text: Any, finish: Any, mode: str, t_in: int, t_out: int, ids=None) -> Sample:
   if not isinstance(text, str):
-    return failure(f"no text in the answer (finish_reason={finish})", mode, t_in, t_out)
+    # Not a string (null, a number): a broken answer, asked for again like a missing one.
+    return failure(f"finish_reason={finish}, text {MISSING}", mode, t_in, t_out)
   if not text:
     return failure(f"empty continuation (finish_reason={finish})", mode, t_in, t_out)
   ids = tuple(ids) if isinstance(ids, list) else None

@@ -82,7 +82,9 @@ def test_completions_parse_maps_flattened_index_and_splits_usage():
   }
   s = b.parse(call, body)
   assert [x.text for x in s] == [" a0", None, None, " b1"]
-  assert "missing" in s[1].error and "empty" in s[2].error  # never silently ""
+  assert s[1].error.endswith(tb.MISSING) and "empty" in s[2].error  # never silently ""
+  null = b.parse(call, {"choices": [{"index": 0, "text": None}], "usage": {}})[0]
+  assert null.error.endswith(tb.MISSING)  # the client asks again for these
   assert s[3].token_ids == (5, 6) and s[0].finish_reason == "stop"
   assert sum(x.tokens_in for x in s) == 7 and sum(x.tokens_out for x in s) == 3
   with pytest.raises(tb.MalformedResponse):
