@@ -101,6 +101,9 @@ def test_options_change_the_right_lines():
   assert micro["logits"] * 2 == base["logits"] and micro["activations"] * 2 == base["activations"]
   bf16 = plan.plan(small_config(**{"model.dtype": "bfloat16"}), small_model(), mesh)
   assert bf16["kv_cache"] * 2 == base["kv_cache"]
+  remat = plan.plan(small_config(), small_model(), mesh, remat=True)
+  # Layer inputs (2 layers x 2 rows x 95 tokens x 64 x float32) + one of the 2 layers' full set.
+  assert remat["activations"] == 2 * 2 * 95 * 64 * 4 + base["activations"] // 2
   sft = plan.plan(small_config(method="sft"), small_model(), mesh)
   assert sft["kv_cache"] == 0 and sft["kv_cache_eval"] == base["kv_cache_eval"]
   group = plan.plan(small_config(**{"omniopd.weight_form": "group"}), small_model(), mesh)

@@ -306,12 +306,12 @@ def plan(config, cfg: model.ModelConfig, mesh_sizes: dict[str, int], remat: bool
   logits = n_logits * u * length * vocab_dev * 4
   e, f = cfg.hidden_size, ffn_dev
   per_token = (4 * e + 3 * heads_dev * d + 3 * kv_dev * d + 4 * f) * c + heads_dev * seq * (12 + c)
-  layer_acts = n * u * seq * per_token
-  if remat:
+  if remat:  # only each layer's input is saved; one layer's set lives during its backward
     layer_acts = n * u * seq * e * c + u * seq * per_token
-  acts_formula = f"{n} layers x {u} rows x {seq} tokens x {per_token:,} B"
-  if remat:
-    acts_formula = f"remat: {n} x {u} x {seq} x {e} x {c} B + one layer ({u * seq * per_token:,} B)"
+    acts_formula = f"{n} x {u} x {seq} x {e} x {c} B + one layer ({u * seq * per_token:,} B)"
+  else:
+    layer_acts = n * u * seq * per_token
+    acts_formula = f"{n} layers x {u} rows x {seq} tokens x {per_token:,} B"
   lines += [
     Line("gradients", f"gradients ({pdt})" + (", with accumulator" if micro > 1 else ""),
          "update", grads, "like the parameters" + (" x 2" if micro > 1 else "")),
