@@ -60,18 +60,20 @@ def main():
   parser.add_argument("--batch_sizes", type=int, nargs="+", default=[64, 256])
   parser.add_argument("--rounds", type=int, default=5)
   parser.add_argument("--model", default=None, help="sentence-transformers dir (default MiniLM)")
+  parser.add_argument("--precision", default="highest", help="matmul precision: highest | default")
   args = parser.parse_args()
   if args.quick:
     args.texts, args.rounds = 256, 2
 
   path = args.model or encoder.default_model_path()
-  enc = encoder.load_encoder(path)
+  enc = encoder.load_encoder(path, precision=args.precision)
   st = SentenceTransformer(path)  # picks CUDA when torch has it
   rng = random.Random(0)
   texts = list(dict.fromkeys(math_chunk(rng, enc.tokenize) for _ in range(args.texts)))
   lengths = [len(t) for t in enc.tokenize(texts)]
   print(
-    f"jax backend={jax.default_backend()} devices={len(jax.devices())}; torch device={st.device}; "
+    f"jax backend={jax.default_backend()} devices={len(jax.devices())} precision={args.precision}; "
+    f"torch device={st.device}; "
     f"{len(texts)} distinct texts, {np.mean(lengths):.1f} tokens on average "
     f"({min(lengths)}-{max(lengths)}, with [CLS]/[SEP])"
   )
@@ -104,7 +106,9 @@ def main():
   for bs in args.batch_sizes:
     o, s = statistics.median(rates[("ours", bs)]), statistics.median(rates[("st", bs)])
     ratios.append(o / s)
-    print(f"batch {bs:4d}: ours {o:8.1f} texts/s   sentence-transformers {s:8.1f} texts/s   x{o / s:.2f}")
+    print(
+      f"batch {bs:4d}: ours {o:8.1f} texts/s   sentence-transformers {s:8.1f} texts/s   x{o / s:.2f}"
+    )
   best_st = max(statistics.median(rates[("st", bs)]) for bs in args.batch_sizes)
   one_call = statistics.median(rates[("ours", "all")])
   print(
