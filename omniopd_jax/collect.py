@@ -60,6 +60,7 @@ def rollout(model, prompts, config, *, seed: int, mesh, rules, eos_ids, num_samp
   return sampler.generate(
     model, prompts, max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p,
     top_k=r.top_k, seed=seed, eos_ids=eos_ids, num_samples=num_samples, mesh=mesh, rules=rules,
+    prompt_len=config.max_prompt_len,  # one static shape per run (and across processes)
   )  # fmt: skip
 
 
@@ -73,7 +74,13 @@ def teacher_requests(config, req: chunks.ForkRequests, examples, backend: str, s
       key=f"s{step}/r{row}/f{slot}",
       num_samples=o.num_teacher_samples,
       max_tokens=t.max_tokens or o.chunk_len,
-      seed=stable_seed(config.seed, step, row, slot),
+      # From the prefix itself, not its batch position: the same fork gets the same teacher
+      # samples whatever the batch layout (process count, order).
+      seed=stable_seed(
+        config.seed,
+        step,
+        hashlib.blake2b(np.asarray(req.prefix_ids[i], np.int64).tobytes()).hexdigest(),
+      ),
     )
     if backend in ("openai_completions", "local"):
       if t.prompt_format == "token_ids":
@@ -204,8 +211,10 @@ def _finish_omniopd(
     sim_bm, pi_bar_bm = req.scatter(sims), req.scatter(pis, fill_value=0.0)
   else:
     sim_bm, pi_bar_bm = req.scatter(sim), pi_bar
+  # `centered` is finished on device (train_step.center_fork_weights), over the global batch.
+  form = "pi_hat" if o.weight_form == "centered" else o.weight_form
   rewards = reward.build_reward_arrays(
-    sim_bm, pi_bar_bm, alpha=o.alpha, form=o.weight_form, use_prior=o.use_prior
+    sim_bm, pi_bar_bm, alpha=o.alpha, form=form, use_prior=o.use_prior
   )
 
   out = pack(prompts, roll.tokens, roll.mask, config.max_prompt_len)

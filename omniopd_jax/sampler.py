@@ -278,6 +278,7 @@ def generate(
   num_samples: int = 1,
   mesh=None,
   rules=sharding.DEFAULT_RULES,
+  prompt_len: int | None = None,
 ) -> Rollout:
   """Sample `max_new_tokens` continuations of each prompt (a list of token-id lists).
 
@@ -305,9 +306,22 @@ def generate(
   multiple = 1
   if mesh is not None:
     multiple = int(np.prod([mesh.shape[a] for a in rows_axes(mesh, rules)]))
-  tokens, mask = pad_prompts(prompts, pad_id=pad_id, batch_multiple=multiple)
-  seed_arr = np.uint32(seed % 2**32)
-  out = jax.device_get(fn(state, tokens, mask, seed_arr))
+  if mesh is not None and jax.process_count() > 1:
+    # Multi-host: every process passes its own rows; the program sees one global batch, so the
+    # padded shapes must agree across processes (pass `prompt_len`; the batch is not bucketed).
+    local = int(np.prod([mesh.shape[a] for a in rows_axes(mesh, rules)])) // jax.process_count()
+    size = -(-len(prompts) // max(local, 1)) * max(local, 1)
+    tokens, mask = pad_prompts(prompts, batch_size=size, prompt_len=prompt_len, pad_id=pad_id)
+    rows = sharding.batch_sharding(mesh, 2, rules)
+    tokens, mask = (jax.make_array_from_process_local_data(rows, x) for x in (tokens, mask))
+    out = fn(state, tokens, mask, np.uint32(seed % 2**32))
+    out = {k: _process_rows(v) for k, v in out.items() if k != "steps"}
+  else:
+    tokens, mask = pad_prompts(
+      prompts, pad_id=pad_id, batch_multiple=multiple,
+      prompt_len=max(prompt_len or 0, max(len(p) for p in prompts)) if prompt_len else None,
+    )  # fmt: skip
+    out = jax.device_get(fn(state, tokens, mask, np.uint32(seed % 2**32)))
   n = len(prompts) * num_samples
   return Rollout(
     tokens=np.asarray(out["tokens"][:n]),
@@ -315,6 +329,18 @@ def generate(
     logprobs=np.asarray(out["logprobs"][:n]),
     entropy=np.asarray(out["entropy"][:n]),
   )
+
+
+def _process_rows(x: jax.Array) -> np.ndarray:
+  """This process's rows of a row-sharded global array, in order."""
+  shards = sorted(x.addressable_shards, key=lambda s: s.index[0].start or 0)
+  seen, rows = set(), []
+  for shard in shards:  # replicas of the same rows appear once
+    start = shard.index[0].start or 0
+    if start not in seen:
+      seen.add(start)
+      rows.append(np.asarray(shard.data))
+  return np.concatenate(rows, axis=0)
 
 
 def rows_axes(mesh, rules=sharding.DEFAULT_RULES) -> tuple[str, ...]:

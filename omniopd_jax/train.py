@@ -3,8 +3,9 @@ update -> metrics, checkpoints, evaluation. `run(config, workdir)` is the whole 
 
 On-policy by default: step t's rollouts come from the parameters after update t-1. Within a step
 the host overlaps scoring of finished teacher requests with requests still in flight.
-`one_step_off=True` instead samples step t+1 before update t is dispatched, so the teacher and
-scoring of t+1 run while the device updates (the step-t+1 samples are one update stale).
+`one_step_off=True` instead samples step t+1 and submits its teacher requests before waiting for
+step t's teacher, so the teacher of t+1 runs during update t (the step-t+1 samples are one update
+stale) and two steps of teacher requests overlap.
 """
 
 import dataclasses
@@ -20,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 
 from omniopd_jax import (
   checkpoint,
@@ -116,6 +118,11 @@ def resolve_models(config, workdir: str) -> tuple[str, str]:
   if "smoke" in variants or "demo" in variants:
     from omniopd_jax import demo_models
 
+    # Process 0 builds (once, cached in the workdir); the others wait, then read the cache.
+    if jax.process_index() == 0:
+      demo_models.build(workdir, config, log=lambda m: print(m, flush=True))
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices("omniopd_jax.demo_models")
     student, teacher = demo_models.build(workdir, config, log=lambda m: print(m, flush=True))
     return config.model.student_path or student, teacher
   path = config.model.student_path
@@ -201,8 +208,7 @@ def run(config, workdir: str) -> dict:
     config.data, tokenizer, batch_size=prompts_per_step, seed=config.seed
   )
   eos_ids = eos_ids_of(tokenizer, student_dir)
-  ctx = Context(config, tokenizer, eos_ids, rules, mesh if jax.process_count() == 1 else None,
-                jax.process_index())  # fmt: skip
+  ctx = Context(config, tokenizer, eos_ids, rules, mesh, jax.process_index())
 
   server = None
   teacher_params = None
@@ -239,7 +245,8 @@ def run(config, workdir: str) -> dict:
   start_step = 0
   if ckpt.latest_step() is not None:
     state, meta = ckpt.restore(state)  # the live state carries the target shardings
-    data_iter.set_state(meta["data"])
+    # Processes step in lockstep, so process 0's saved position is every process's position.
+    data_iter.set_state({**meta["data"], "process_index": jax.process_index()})
     if ctx.teacher is not None and meta.get("teacher"):
       ctx.teacher.load_state_dict(meta["teacher"])
     start_step = int(state.step)
@@ -249,6 +256,9 @@ def run(config, workdir: str) -> dict:
     workdir, num_steps=config.num_steps, start_step=start_step, enabled=is_main
   )
   eval_examples = data.load_examples(config.data, "eval")[: config.eval.num_examples]
+  # Each process evaluates its share; the metrics are averaged over processes, weighted by size.
+  usable = len(eval_examples) - len(eval_examples) % jax.process_count()  # equal shares
+  eval_examples = eval_examples[:usable][jax.process_index() :: jax.process_count()]
 
   def run_eval(step):
     model_now = nnx.merge(graphdef, state.params)
@@ -259,7 +269,14 @@ def run(config, workdir: str) -> dict:
       max_new_tokens=config.eval.max_new_tokens or config.rollout.max_new_tokens,
       batch_size=config.eval.batch_size, data_cfg=config.data, seed=config.seed,
     )  # fmt: skip
-    scalars = {k: v for k, v in res.items() if isinstance(v, (int, float))}
+    scalars = {k: float(v) for k, v in res.items() if isinstance(v, (int, float))}
+    if jax.process_count() > 1:
+      n = float(len(eval_examples))
+      keys = sorted(scalars)
+      local = np.array([n] + [scalars[k] * n for k in keys], np.float64)
+      total = np.asarray(multihost_utils.process_allgather(local)).reshape(-1, len(local)).sum(0)
+      scalars = {k: total[i + 1] / max(total[0], 1.0) for i, k in enumerate(keys)}
+      scalars["eval/num_examples"] = total[0]
     writer.write(step, scalars)
     if is_main:
       with open(os.path.join(workdir, "eval.jsonl"), "a") as f:
@@ -328,16 +345,18 @@ def run(config, workdir: str) -> dict:
       model_now = nnx.merge(graphdef, state.params)
       if pending is None:
         pending = collector(ctx, model_now, next(data_iter), step)
-      got = pending()  # host: teacher wait + scoring (overlaps update t-1 in one_step_off)
       data_state = data_iter.get_state()
+      following = None
+      if config.one_step_off and step < config.num_steps:
+        # Sample step t+1 now (device; the parameters after update t-1) and submit its teacher
+        # requests before waiting for step t's: the teacher works on two steps at once, and the
+        # requests of t+1 are in flight through this wait, update t and the next rollout.
+        following = collector(ctx, model_now, next(data_iter), step + 1)
+      got = pending()  # host: teacher wait + scoring
       if previous_step is not None and finish_step(*previous_step):
         stopped = True
         break
-      pending = None
-      if config.one_step_off and step < config.num_steps:
-        # Sample step t+1 now (device), then dispatch update t: the teacher and scoring of t+1
-        # run on the host while the device updates.
-        pending = collector(ctx, model_now, next(data_iter), step + 1)
+      pending = following
       t0 = time.perf_counter()
       state, device_metrics = update(state, base_params, got.batch, teacher_params)
       previous_step = (step, got, device_metrics, data_state, t0, t_step)
@@ -384,6 +403,7 @@ def evaluate_generate_fn(model, ctx):
     roll = sampler.generate(
       model, prompts, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed,
       eos_ids=ctx.eos_ids, mesh=ctx.rollout_mesh, rules=ctx.rules,
+      prompt_len=ctx.config.max_prompt_len,
     )  # fmt: skip
     return [t[m].tolist() for t, m in zip(roll.tokens, roll.mask)]
 

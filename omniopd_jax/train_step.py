@@ -11,6 +11,7 @@ from typing import Any
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 
@@ -117,6 +118,17 @@ def method_loss(config, logits, base_logits, teacher_logits, batch):
   raise ValueError(f"config.method={config.method!r}: choose from {METHODS}")
 
 
+def center_fork_weights(batch: dict) -> dict:
+  """The `centered` weight form: pi_hat minus its mean over the audited forks of the global batch.
+
+  Done on device so that every process and micro-batch sees the same (global) mean.
+  """
+  mask = batch["fork_mask"].astype(jnp.float32)  # [B, M]
+  weight = batch["fork_weight"].astype(jnp.float32)  # [B, M] pi_hat
+  mean = (weight * mask).sum() / jnp.maximum(mask.sum(), 1.0)
+  return {**batch, "fork_weight": (weight - mean) * mask}
+
+
 def needs_base(config) -> bool:
   if config.method == "omniopd":
     return bool(config.omniopd.kl_anchor)
@@ -164,7 +176,11 @@ def make_update_fn(
   def accumulate(params, base_params, teacher_params, batch):
     if micro == 1:
       return grad_fn(params, base_params, teacher_params, batch)
-    split = jax.tree.map(lambda x: x.reshape(micro, x.shape[0] // micro, *x.shape[1:]), batch)
+    # Strided split: row r goes to micro-batch r % micro, so every micro-batch keeps rows on
+    # every device of the batch axes (a contiguous split would idle most of them).
+    split = jax.tree.map(
+      lambda x: x.reshape(x.shape[0] // micro, micro, *x.shape[1:]).swapaxes(0, 1), batch
+    )
 
     def body(carry, mb):
       (loss, aux), grads = grad_fn(params, base_params, teacher_params, mb)
@@ -178,6 +194,8 @@ def make_update_fn(
     return jax.tree.map(lambda x: x / micro, total)
 
   def update(state: TrainState, base_params, batch, teacher_params=None):
+    if config.method == "omniopd" and config.omniopd.weight_form == "centered":
+      batch = center_fork_weights(batch)  # over the global batch, before any micro-batch split
     (loss, aux), grads = accumulate(state.params, base_params, teacher_params, batch)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
@@ -212,7 +230,12 @@ def make_update_fn(
   jitted = jax.jit(update, donate_argnums=0, out_shardings=(shardings, None))
 
   def call(state, base_params, batch, teacher_params=None):
-    batch = jax.device_put(batch, batch_shardings(batch)) if _is_host(batch) else batch
+    if _is_host(batch):  # this process's rows -> one global batch (any number of processes)
+      batch = jax.tree.map(
+        lambda x, sh: jax.make_array_from_process_local_data(sh, np.asarray(x)),
+        batch,
+        batch_shardings(batch),
+      )
     return jitted(state, base_params, batch, teacher_params)
 
   call.jitted = jitted
