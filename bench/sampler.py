@@ -16,6 +16,7 @@ import resource
 import statistics
 import sys
 import tempfile
+import threading
 import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -131,6 +132,31 @@ def peak_rss_gb() -> float:
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
+def rss_gb() -> float:
+  with open("/proc/self/statm") as f:
+    return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**30
+
+
+class ExtraRss:
+  """Peak resident memory above the starting level while the block runs (CPU; sampled at 200 Hz)."""
+
+  def __enter__(self):
+    self.base, self.peak, self.running = rss_gb(), 0.0, True
+    self.thread = threading.Thread(target=self._watch, daemon=True)
+    self.thread.start()
+    return self
+
+  def _watch(self):
+    while self.running:
+      self.peak = max(self.peak, rss_gb() - self.base)
+      time.sleep(0.005)
+
+  def __exit__(self, *exc):
+    self.running = False
+    self.thread.join()
+    self.peak = max(self.peak, rss_gb() - self.base)
+
+
 def bench_model(name, path, args, use_gpu):
   dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
   device = "cuda" if use_gpu else "cpu"
@@ -167,14 +193,16 @@ def bench_model(name, path, args, use_gpu):
       out = fn()
       return time.perf_counter() - t, out
 
+    # Peak memory: on GPU each framework's peak device bytes (weights included); on CPU the peak
+    # resident memory the first call adds on top of the loaded weights (compilation included).
     if use_gpu:
       torch.cuda.reset_peak_memory_stats()
-    rss_before = peak_rss_gb()
-    t_torch_first, ref = timed(run_torch)
-    torch_mem = torch.cuda.max_memory_allocated() / 2**30 if use_gpu else peak_rss_gb() - rss_before
-    rss_before = peak_rss_gb()
-    t_ours_first, got = timed(run_ours)
-    ours_mem = _jax_peak_gb() if use_gpu else peak_rss_gb() - rss_before
+    with ExtraRss() as torch_rss:
+      t_torch_first, ref = timed(run_torch)
+    torch_mem = torch.cuda.max_memory_allocated() / 2**30 if use_gpu else torch_rss.peak
+    with ExtraRss() as ours_rss:
+      t_ours_first, got = timed(run_ours)
+    ours_mem = _jax_peak_gb() if use_gpu else ours_rss.peak
     times = {"torch": [], "ours": []}
     for trial in range(args.trials):  # interleaved, alternating order: the machine is shared
       order = ("torch", "ours") if trial % 2 == 0 else ("ours", "torch")
@@ -190,7 +218,8 @@ def bench_model(name, path, args, use_gpu):
       f"{name:8s} B={batch:<3d} L={new:<4d} prompt<={width:<4d} "
       f"ours {tps_ours:8.1f} tok/s  transformers {tps_torch:8.1f} tok/s  "
       f"ratio {tps_ours / tps_torch:5.2f}  compile {compile_s:5.1f}s  "
-      f"peak mem ours {ours_mem:5.2f} GB / transformers {torch_mem:5.2f} GB  "
+      f"peak mem{' (GPU)' if use_gpu else ' (+RSS)'} ours {ours_mem:5.2f} GB / "
+      f"transformers {torch_mem:5.2f} GB  "
       f"greedy match {same_rows}/{batch} rows ({agree:.1%} tokens)  "
       f"[ours {min(times['ours']):.2f}-{max(times['ours']):.2f}s, "
       f"torch {min(times['torch']):.2f}-{max(times['torch']):.2f}s]",
