@@ -252,12 +252,22 @@ def make_generate_fn(
     return dict(out, steps=steps)
 
   if mesh is None:
-    return jax.jit(run)
-  rows = sharding.batch_sharding(mesh, 2, rules)
-  scalar = NamedSharding(mesh, jax.sharding.PartitionSpec())
-  state_sh = None if state is None else sharding.variable_shardings(state, mesh, rules)
-  out_sh = dict(tokens=rows, mask=rows, logprobs=rows, entropy=rows, steps=scalar)
-  return jax.jit(run, in_shardings=(state_sh, rows, rows, scalar), out_shardings=out_sh)
+    jitted = jax.jit(run)
+  else:
+    rows = sharding.batch_sharding(mesh, 2, rules)
+    scalar = NamedSharding(mesh, jax.sharding.PartitionSpec())
+    state_sh = None if state is None else sharding.variable_shardings(state, mesh, rules)
+    out_sh = dict(tokens=rows, mask=rows, logprobs=rows, entropy=rows, steps=scalar)
+    jitted = jax.jit(run, in_shardings=(state_sh, rows, rows, scalar), out_shardings=out_sh)
+
+  def generate_fn(state, prompt_tokens, prompt_mask, seed):
+    # Fixed dtypes, so an int64 numpy array or a Python int seed never makes a second program.
+    if isinstance(prompt_tokens, np.ndarray):
+      prompt_tokens, prompt_mask = prompt_tokens.astype(np.int32), prompt_mask.astype(bool)
+    return jitted(state, prompt_tokens, prompt_mask, np.uint32(int(seed) % 2**32))
+
+  generate_fn.jitted = jitted  # for .lower() / cost analysis
+  return generate_fn
 
 
 # (graphdef, options, mesh, rules) -> jitted fn; jax.jit then caches one program per input shape.
