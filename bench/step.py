@@ -328,14 +328,77 @@ def timed(fn, repeats: int) -> list[float]:
   return times
 
 
-def mfu_bench(args):
+def time_update(cfg, dtype, mesh, b: int, p: int, length: int, args):
+  """Median seconds of the jitted OmniOPD update on B x (P + L) tokens of a fresh random model.
+
+  Returns (median step seconds, first-call seconds, graphdef, the parameters after the steps).
+  """
   import jax
   import jax.numpy as jnp
   import numpy as np
   from flax import nnx
 
   from omniopd_jax import model as model_lib
-  from omniopd_jax import sampler, sharding, train_step
+  from omniopd_jax import sharding, train_step
+
+  with jax.set_mesh(mesh):
+    model = sharding.create_sharded(
+      lambda: model_lib.CausalLM(cfg, dtype=dtype, param_dtype=jnp.float32, rngs=nnx.Rngs(0)), mesh
+    )
+  graphdef, params = nnx.split(model)
+  del model
+  chunk, forks = args.chunk_len, args.num_forks
+  config = mfu_config(chunk, forks, args.steps + 1)
+  base_params = jax.tree.map(lambda x: jnp.array(x, dtype=dtype, copy=True), params)
+  tx = train_step.make_optimizer(config.optimizer, config.num_steps)
+  state = train_step.init_state(params, tx, 0)
+  del params  # donated with the state
+  update = train_step.make_update_fn(config, mesh, graphdef, jax.eval_shape(lambda s: s, state))
+  state = jax.device_put(state, update.shardings)
+  # M forks of C tokens per row, spread over the response, with synthetic weights.
+  rng = np.random.default_rng(0)
+  tokens = rng.integers(1, cfg.vocab_size, (b, p + length)).astype(np.int32)  # [B, P + L]
+  starts = np.minimum(np.arange(forks) * max(length // forks, chunk), length - chunk)  # [M]
+  batch = {
+    "tokens": tokens,
+    "attention_mask": np.ones((b, p + length), bool),
+    "response_tokens": tokens[:, p:],
+    "response_mask": np.ones((b, length), bool),
+    "fork_starts": np.broadcast_to(starts, (b, forks)).astype(np.int32),  # [B, M]
+    "fork_mask": np.ones((b, forks), bool),  # [B, M]
+    "fork_weight": rng.uniform(-1, 1, (b, forks)).astype(np.float32),  # [B, M]
+  }
+  batch = jax.device_put(batch)
+  t0 = time.perf_counter()
+  state, m = update(state, base_params, batch)
+  jax.block_until_ready(m["train/loss"])
+  compile_s = time.perf_counter() - t0
+  times = []
+  for _ in range(args.steps):
+    t0 = time.perf_counter()
+    state, m = update(state, base_params, batch)
+    jax.block_until_ready(m["train/loss"])
+    times.append(time.perf_counter() - t0)
+  return statistics.median(times), compile_s, graphdef, state.params
+
+
+def is_oom(error: Exception) -> bool:
+  text = str(error)
+  return "RESOURCE_EXHAUSTED" in text or "Out of memory" in text or "out of memory" in text
+
+
+def mfu_bench(args):
+  # The update of a 1.7B model with B x 1280 tokens needs most of an 80 GB card (JAX takes 75%).
+  os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.92")
+  import gc
+
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from flax import nnx
+
+  from omniopd_jax import model as model_lib
+  from omniopd_jax import sampler, sharding
 
   size = args.model_size
   default_b, default_p, default_l = UPDATE_SHAPES[size]
@@ -351,65 +414,43 @@ def mfu_bench(args):
   )  # fmt: skip
   device = jax.devices()[0]
   mesh = sharding.make_mesh()
-  with jax.set_mesh(mesh):
-    model = sharding.create_sharded(
-      lambda: model_lib.CausalLM(cfg, dtype=dtype, param_dtype=jnp.float32, rngs=nnx.Rngs(0)), mesh
-    )
-  graphdef, params = nnx.split(model)
   print(
     f"model {size}: {cfg.num_params() / 1e6:.1f}M params (float32 master, {dtype.name} compute) "
     f"on {jax.device_count()} x {device.device_kind}",
     flush=True,
   )
 
-  # Update: B x (P + L) tokens, M forks of C tokens per row with synthetic weights.
-  chunk, forks = args.chunk_len, args.num_forks
-  config = mfu_config(chunk, forks, args.steps + 1)
-  base_params = jax.tree.map(lambda x: jnp.array(x, dtype=dtype, copy=True), params)
-  tx = train_step.make_optimizer(config.optimizer, config.num_steps)
-  state = train_step.init_state(params, tx, 0)
-  update = train_step.make_update_fn(config, mesh, graphdef, jax.eval_shape(lambda s: s, state))
-  state = jax.device_put(state, update.shardings)
-  rng = np.random.default_rng(0)
-  tokens = rng.integers(1, cfg.vocab_size, (b, p + length)).astype(np.int32)  # [B, P + L]
-  spacing = max(length // forks, chunk)
-  starts = np.minimum(np.arange(forks) * spacing, length - chunk)  # [M]
-  batch = {
-    "tokens": tokens,
-    "attention_mask": np.ones((b, p + length), bool),
-    "response_tokens": tokens[:, p:],
-    "response_mask": np.ones((b, length), bool),
-    "fork_starts": np.broadcast_to(starts, (b, forks)).astype(np.int32),  # [B, M]
-    "fork_mask": np.ones((b, forks), bool),  # [B, M]
-    "fork_weight": rng.uniform(-1, 1, (b, forks)).astype(np.float32),  # [B, M]
-  }
-  # In a dict so that they can be dropped before the rollout (device memory).
-  holder = {"state": state, "base": base_params, "batch": jax.device_put(batch)}
-  del state, base_params, batch
-
-  def step():
-    holder["state"], m = update(holder["state"], holder["base"], holder["batch"])
-    jax.block_until_ready(m["train/loss"])
-
-  t0 = time.perf_counter()
-  step()
-  compile_s = time.perf_counter() - t0
-  times = timed(step, args.steps)
-  step_s = statistics.median(times)
+  # Update: halve the batch until it fits (each try compiles again).
+  while True:
+    failed = None
+    try:
+      step_s, compile_s, graphdef, params = time_update(cfg, dtype, mesh, b, p, length, args)
+    except Exception as e:  # noqa: BLE001 - only out-of-memory is retried
+      if not is_oom(e) or b == 1:
+        raise
+      failed = str(e).splitlines()[0][:160]
+    if failed is None:
+      break
+    print(f"update: batch {b} does not fit ({failed}); trying batch {b // 2}", flush=True)
+    b //= 2
+    gc.collect()
   flops = 4 * forward_flops(cfg, b, p, length)  # student forward + backward (3x), base forward
   tflops = flops / step_s / 1e12
   peak = peak_tflops(args, device)
   update_tok_s = b * (p + length) / step_s
   print(
-    f"update: batch {b} x ({p} + {length}) tokens, {forks} forks x {chunk}: {step_s * 1e3:.1f} ms "
-    f"(median of {args.steps}; first call {compile_s:.1f} s), {update_tok_s:,.0f} tokens/s, "
-    f"{tflops:.1f} TFLOP/s" + (f", MFU {tflops / peak:.1%} of {peak:g}" if peak else ""),
+    f"update: batch {b} x ({p} + {length}) tokens, {args.num_forks} forks x {args.chunk_len}: "
+    f"{step_s * 1e3:.1f} ms (median of {args.steps}; first call {compile_s:.1f} s), "
+    f"{update_tok_s:,.0f} tokens/s, {tflops:.1f} TFLOP/s"
+    + (f", MFU {tflops / peak:.1%} of {peak:g}" if peak else ""),
     flush=True,
   )
+  gc.collect()  # the optimizer state and the base copy go before the rollout
+
   # Rollout: sampler.generate (prefill + decode, no EOS so every row runs the full length) with the
-  # trained parameters (the originals were donated to the first update).
-  model = nnx.merge(graphdef, holder.pop("state").params)
-  holder.clear()
+  # trained parameters.
+  model = nnx.merge(graphdef, params)
+  rng = np.random.default_rng(1)
   db, dp, dl = args.decode_batch, args.decode_prompt_len, args.decode_tokens
   prompts = [list(rng.integers(1, cfg.vocab_size, dp)) for _ in range(db)]
   gen = lambda: sampler.generate(model, prompts, max_new_tokens=dl, seed=1)  # noqa: E731
