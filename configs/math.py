@@ -1,7 +1,7 @@
 """OmniOPD on math prompts with verifiable answers.
 
   python -m omniopd_jax.main --config=configs/math.py --workdir=/tmp/opd \
-      --config.model.student_path=/ckpt/qwen3-1.7b --config.teacher.base_url=http://127.0.0.1:8000
+      --config.model.student_path=/ckpt/qwen3-1.7b --config.teacher.base_url=http://127.0.0.1:8000/v1
   python -m omniopd_jax.main --config=configs/math.py:smoke --workdir=/tmp/smoke   # CPU, seconds
   python -m omniopd_jax.main --config=configs/math.py:demo --workdir=/tmp/demo     # CPU, ~15 min
   python -m omniopd_jax.main --config=configs/math.py:anthropic ...   # Claude Haiku 4.5 teacher
@@ -76,7 +76,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   c.teacher = ml_collections.ConfigDict()
   c.teacher.backend = "openai_completions"  # openai_completions | openai_chat | anthropic | gemini
-  c.teacher.base_url = "http://127.0.0.1:8000"  # vLLM / SGLang / omniopd_jax.serve
+  c.teacher.base_url = "http://127.0.0.1:8000/v1"  # vLLM / SGLang / omniopd_jax.serve (with /v1)
   c.teacher.model = "teacher"  # model name sent to the API
   c.teacher.api_key_env = ""  # NAME of the env var holding the key (the key itself never here)
   c.teacher.prompt_format = "text"  # text | token_ids (same-tokenizer servers only)
@@ -130,7 +130,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.demo.student_path = "bundled"  # bundled | "" (train here with SFT) | an HF dir to copy
   c.demo.teacher_examples = 8000  # worked chain-sum solutions to train on
   c.demo.teacher_steps = 6000  # teacher SFT steps (4-layer Qwen3, d=128)
-  c.demo.student_steps = 800  # on a smaller model (2-layer Llama, d=96): weak, not hopeless
+  c.demo.student_steps = 1500  # on a smaller model (2-layer Llama, d=96): weak, not hopeless
   c.demo.sft_batch_size = 32
   c.demo.teacher_lr = 2e-3  # peak; cosine decay to 5%
   c.demo.student_lr = 1e-3
@@ -144,7 +144,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   if "anthropic" in variants:
     c.teacher.update(
       backend="anthropic",
-      base_url="https://api.anthropic.com",
+      base_url="https://api.anthropic.com/v1",
       model="claude-haiku-4-5",
       api_key_env="ANTHROPIC_API_KEY",
       max_in_flight=32,
@@ -156,7 +156,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   if "gemini" in variants:
     c.teacher.update(
       backend="gemini",
-      base_url="https://generativelanguage.googleapis.com",
+      base_url="https://generativelanguage.googleapis.com/v1beta",
       model="gemini-2.5-flash",
       api_key_env="GEMINI_API_KEY",
       max_in_flight=32,

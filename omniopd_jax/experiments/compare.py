@@ -12,6 +12,7 @@ shared by all OmniOPD runs. Finished runs are skipped when the command is repeat
 keeps a result.json). Writes <workdir>/results.md, results.json and accuracy.png.
 """
 
+import ast
 import dataclasses
 import json
 import os
@@ -28,11 +29,15 @@ flags.DEFINE_integer(
   "steps", 0, "Optimizer steps per run; 0 = the :demo config's (2 with --quick)."
 )
 flags.DEFINE_string("models", "", "A directory with student/ and teacher/ HF dirs to reuse.")
-flags.DEFINE_string("lrs", "", "Comma-separated learning-rate sweep (default 3e-4,1e-3).")
+flags.DEFINE_string("lrs", "", "Comma-separated learning rates (default: METHOD_LRS).")
 flags.DEFINE_string("only", "", "Comma-separated variant names to run (default all).")
+flags.DEFINE_multi_string("set", [], "FIELD=VALUE config override for every run (repeatable), "
+                          "e.g. --set=omniopd.num_teacher_samples=8.")  # fmt: skip
 
-LRS = (3e-4, 1e-3)
-ABLATION_LR = 3e-4  # ablations and the tokenizer variant run at one learning rate
+# Learning-rate grids: dense supervision (sft, opd) tolerates larger steps than the on-policy
+# estimators, which on this task degrade above ~1e-4.
+METHOD_LRS = {"sft": (1e-4, 3e-4), "opd": (1e-4, 3e-4), "grpo": (3e-5, 1e-4),
+              "omniopd": (3e-5, 1e-4)}  # fmt: skip
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,7 +45,7 @@ class Variant:
   name: str  # the row label
   method: str  # config.method
   overrides: tuple = ()  # ((dotted config field, value), ...)
-  sweep: bool = True  # run the learning-rate sweep (else ABLATION_LR only)
+  sweep: bool = True  # sweep METHOD_LRS (else the :demo config's learning rate only)
   other_tokenizer: bool = False  # the teacher uses a different tokenizer (same weights)
   group: str = "method"  # method | ablation | tokenizer
 
@@ -146,22 +151,40 @@ def permuted_tokenizer_teacher(teacher_dir: str, out_dir: str) -> str:
   for name in ("model.embed_tokens.weight", "lm_head.weight"):
     if name in tensors:
       tensors[name] = np.ascontiguousarray(tensors[name][order])
-  tmp = out_dir + ".tmp"
+  tmp = f"{out_dir}.tmp{os.getpid()}"  # parallel compare processes may race to make it
   shutil.rmtree(tmp, ignore_errors=True)
   os.makedirs(tmp)
   safetensors.numpy.save_file(tensors, os.path.join(tmp, "model.safetensors"), {"format": "pt"})
   for name in ("config.json", "generation_config.json"):
     shutil.copy(os.path.join(teacher_dir, name), tmp)
   new_tok.save_pretrained(tmp)
-  os.replace(tmp, out_dir)
+  try:
+    os.replace(tmp, out_dir)
+  except OSError:  # another process got there first: same content
+    shutil.rmtree(tmp, ignore_errors=True)
   return out_dir
 
 
 # ----------------------------------------------------------------------------- runs
 
 
+def parse_overrides(items) -> tuple:
+  """["a.b=3", "c=centered"] -> (("a.b", 3), ("c", "centered")): Python literals, else strings."""
+  out = []
+  for item in items:
+    field, sep, text = item.partition("=")
+    if not sep:
+      raise ValueError(f"--set {item!r}: expected FIELD=VALUE, e.g. omniopd.chunk_len=6")
+    try:
+      value = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+      value = text
+    out.append((field.strip(), value))
+  return tuple(out)
+
+
 def run_config(base, variant: Variant, *, lr: float, seed: int, steps: int, student: str,
-               teacher: str, teacher_url: str):  # fmt: skip
+               teacher: str, teacher_url: str, extra: tuple = ()):  # fmt: skip
   """The config of one run: base + the variant's overrides, pointing at the shared models."""
   config = base.copy_and_resolve_references()
   config.unlock()
@@ -178,7 +201,7 @@ def run_config(base, variant: Variant, *, lr: float, seed: int, steps: int, stud
   config.smoke_serve_teacher = False
   config.optimizer.learning_rate = lr
   config.optimizer.warmup_steps = max(steps // 10, 1)
-  for field, value in variant.overrides:
+  for field, value in (*extra, *variant.overrides):
     node = config
     *parents, leaf = field.split(".")
     for p in parents:
@@ -302,9 +325,10 @@ def plot(results: list[dict], rows: list[dict], path: str) -> None:
   import matplotlib.pyplot as plt
   import numpy as np
 
-  best: dict = {}
+  best: dict = {}  # variant -> its row with the most seeds (the best learning rate)
   for r in rows:
-    if "error" not in r and r["after_mean"] >= best.get(r["variant"], {}).get("after_mean", -1):
+    key = lambda row: (row["seeds"], row["after_mean"])  # noqa: E731
+    if "error" not in r and (r["variant"] not in best or key(r) > key(best[r["variant"]])):
       best[r["variant"]] = r
   fig, axes = plt.subplots(1, 2, figsize=(13, 4.8), sharey=True)
   for ax, groups, title in ((axes[0], ("method",), "methods (best lr)"),
@@ -331,20 +355,26 @@ def plot(results: list[dict], rows: list[dict], path: str) -> None:
 # ----------------------------------------------------------------------------- main
 
 
-def compare(workdir: str, *, quick=False, seeds=0, steps=0, models="", lrs=(), only=()) -> list:
+def compare(
+  workdir: str, *, quick=False, seeds=0, steps=0, models="", lrs=(), only=(), overrides=()
+) -> list:
   """Runs the whole comparison; returns the summary rows (also written to results.md)."""
   import jax
+  import torch
 
   from omniopd_jax import serve
 
   os.makedirs(workdir, exist_ok=True)
+  # The MiniLM scorer (torch) shares the cores with JAX; one thread avoids oversubscription, which
+  # on a busy 2-core machine made scoring several times slower.
+  torch.set_num_threads(1)
+  extra = parse_overrides(overrides)
   # Runs of the same method share most compiled programs: cache them on disk across runs.
   jax.config.update("jax_compilation_cache_dir", os.path.join(workdir, "jax_cache"))
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
   base = base_config(quick)
   seeds = seeds or (1 if quick else 3)
   steps = steps or (2 if quick else base.num_steps)
-  lrs = tuple(lrs) or ((LRS[0],) if quick else LRS)
   variants = [v for v in VARIANTS if not only or v.name in only]
   if only and len(variants) != len(only):
     unknown = set(only) - {v.name for v in VARIANTS}
@@ -364,23 +394,32 @@ def compare(workdir: str, *, quick=False, seeds=0, steps=0, models="", lrs=(), o
 
   results = []
   t_start = time.time()
-  plan = [(v, lr, s) for v in variants for lr in (lrs if v.sweep else (ABLATION_LR,))
-          for s in range(seeds)]  # fmt: skip
+
+  def run(v, lr, seed):
+    url = url_for(v.other_tokenizer) if v.method == "omniopd" else ""
+    config = run_config(base, v, lr=lr, seed=seed, steps=steps, student=student,
+                        teacher=other if v.other_tokenizer else teacher, teacher_url=url,
+                        extra=extra)  # fmt: skip
+    run_dir = os.path.join(workdir, "runs", v.name, f"lr{lr:g}", f"seed{seed}")
+    print(f"{v.name} lr={lr:g} seed={seed} ({time.time() - t_start:.0f}s so far)", flush=True)
+    r = run_one(config, v, run_dir)
+    if "error" in r:
+      print(f"  -> refused: {r['error']}", flush=True)
+    else:
+      print(f"  -> accuracy {r['before']:.3f} -> {r['after']:.3f} ({r['wall_s']:.0f}s)",
+            flush=True)  # fmt: skip
+    results.append(r)
+    return r
+
   try:
-    for i, (v, lr, seed) in enumerate(plan):
-      url = url_for(v.other_tokenizer) if v.method == "omniopd" else ""
-      config = run_config(base, v, lr=lr, seed=seed, steps=steps, student=student,
-                          teacher=other if v.other_tokenizer else teacher, teacher_url=url)  # fmt: skip
-      run_dir = os.path.join(workdir, "runs", v.name, f"lr{lr:g}", f"seed{seed}")
-      print(f"[{i + 1}/{len(plan)}] {v.name} lr={lr:g} seed={seed} "
-            f"({time.time() - t_start:.0f}s so far)", flush=True)  # fmt: skip
-      r = run_one(config, v, run_dir)
-      if "error" in r:
-        print(f"  -> refused: {r['error']}", flush=True)
-      else:
-        print(f"  -> accuracy {r['before']:.3f} -> {r['after']:.3f} ({r['wall_s']:.0f}s)",
-              flush=True)  # fmt: skip
-      results.append(r)
+    # Seed 0 at every learning rate of the grid, then the other seeds at the best one.
+    for v in variants:
+      grid = (lrs or METHOD_LRS[v.method]) if v.sweep else (base.optimizer.learning_rate,)
+      grid = grid[:1] if quick else grid
+      first = [(run(v, lr, 0).get("after", -1.0), lr) for lr in grid]
+      best = max(first)[1]
+      for seed in range(1, seeds):
+        run(v, best, seed)
   finally:
     for handle in servers.values():
       handle.stop()
@@ -388,7 +427,8 @@ def compare(workdir: str, *, quick=False, seeds=0, steps=0, models="", lrs=(), o
   header = (
     f"# OmniOPD vs baselines on the demo task\n\n"
     f"Held-out greedy accuracy (pass@1) on {base.eval.num_examples} chain-sum problems; "
-    f"{steps} steps of batch {base.batch_size} student samples; {seeds} seed(s) per row; "
+    f"{steps} steps of batch {base.batch_size} student samples; seed 0 at each learning rate "
+    f"of the grid, then seeds 1..{seeds - 1} at the best one (the `seeds` column); "
     f"total {time.time() - t_start:.0f}s.\n"
     f"Command: `python -m omniopd_jax.experiments.compare --workdir=DIR"
     f"{' --quick' if quick else ''} --seeds={seeds} --steps={steps}`"
@@ -410,7 +450,7 @@ def main(argv):
   compare(
     FLAGS.workdir, quick=FLAGS.quick, seeds=FLAGS.seeds, steps=FLAGS.steps, models=FLAGS.models,
     lrs=tuple(float(x) for x in FLAGS.lrs.split(",") if x),
-    only=tuple(x for x in FLAGS.only.split(",") if x),
+    only=tuple(x for x in FLAGS.only.split(",") if x), overrides=FLAGS.set,
   )  # fmt: skip
 
 
