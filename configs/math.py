@@ -93,6 +93,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.teacher.allow_approximate = False  # allow the "instructed" chat mode (no true prefill)
   c.teacher.temperature = 1.0  # Monte Carlo samples
   c.teacher.max_tokens = 0  # 0: omniopd.chunk_len (teacher tokens, its own tokenizer)
+  c.teacher.prompts_per_request = 0  # forks packed per HTTP call (0: backend default; 1: seeds
+  # then depend only on the fork, so results are identical whatever the batch layout)
 
   c.opd = ml_collections.ConfigDict()
   c.opd.estimator = "sampled"  # sampled (log-ratio on own tokens) | full_vocab

@@ -35,8 +35,13 @@ class Checkpointer:
     step = self.latest_step() if step is None else step
     if step is None:
       raise FileNotFoundError(f"no complete checkpoint under {self.directory}")
+    # Leaves without a sharding (e.g. tools.export on one host) land on one local device, so a
+    # checkpoint written on any topology can be read back anywhere.
+    local = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     target = jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
+      lambda x: jax.ShapeDtypeStruct(
+        x.shape, x.dtype, sharding=getattr(x, "sharding", None) or local
+      ),
       abstract_state,
     )
     restored = self.manager.restore(

@@ -81,6 +81,7 @@ def teacher_client_config(teacher_cfg, *, chunk_len: int, workdir: str, base_url
     "allow_approximate": t["allow_approximate"],
     "temperature": t["temperature"],
     "max_tokens": t["max_tokens"] or chunk_len,
+    "prompts_per_request": none_if(t["prompts_per_request"]),
   }
 
 
@@ -275,8 +276,8 @@ def run(config, workdir: str) -> dict:
       keys = sorted(scalars)
       local = np.array([n] + [scalars[k] * n for k in keys], np.float64)
       total = np.asarray(multihost_utils.process_allgather(local)).reshape(-1, len(local)).sum(0)
-      scalars = {k: total[i + 1] / max(total[0], 1.0) for i, k in enumerate(keys)}
-      scalars["eval/num_examples"] = total[0]
+      scalars = {k: float(total[i + 1] / max(total[0], 1.0)) for i, k in enumerate(keys)}
+      scalars["eval/num_examples"] = float(total[0])
     writer.write(step, scalars)
     if is_main:
       with open(os.path.join(workdir, "eval.jsonl"), "a") as f:
