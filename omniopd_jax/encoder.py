@@ -123,8 +123,9 @@ class Encoder:
     block_tokens: tokens per step of the on-device loop over blocks of rows: bounds activation
       memory; accelerators like larger blocks.
     short_row: the row length R for texts up to that many tokens (most chunks); longer texts get
-      rows of max_seq_length. None (default): chosen once, at the first call, as the length that
-      packs that call's texts most cheaply, then kept so that later calls reuse compiled programs.
+      rows of max_seq_length. None (default): the length that packs a call's texts most cheaply,
+      kept while the median text length stays within 25% of the one it was chosen for, so that
+      steps of similar texts reuse compiled programs.
     max_texts_per_row: slots per row (S).
   """
 
@@ -147,6 +148,7 @@ class Encoder:
       block_tokens = 4096 if jax.default_backend() == "cpu" else 65536
     self.block_tokens = block_tokens
     self.short_row = None if short_row is None else min(short_row, self.cfg.max_seq_length)
+    self._auto_row_median = None if short_row is None else -1.0  # -1: fixed by the caller
     self.slots = max_texts_per_row
     self.graphdef, state = nnx.split(model)
     self._data_sharding, self._batch_devices = None, 1
@@ -221,8 +223,10 @@ class Encoder:
     if lengths.max() > self.cfg.max_seq_length:
       raise ValueError(f"a text has {lengths.max()} tokens, over max_seq_length")
     groups, loc, offset = [], np.zeros(lengths.size, np.int32), 0
-    if self.short_row is None:
-      self.short_row = self._cheapest_row(lengths)
+    median = float(np.median(lengths))
+    chosen_for = self._auto_row_median
+    if chosen_for is None or (chosen_for >= 0 and abs(median - chosen_for) > 0.25 * chosen_for):
+      self.short_row, self._auto_row_median = self._cheapest_row(lengths), median
     short = lengths <= self.short_row
     for members, r in ((np.flatnonzero(short), self.short_row), (np.flatnonzero(~short), None)):
       if not members.size:

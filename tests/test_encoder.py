@@ -35,7 +35,7 @@ def math_chunk(rng: random.Random, parts=(1, 9)) -> str:
 
 def varied_texts() -> list[str]:
   rng = random.Random(1234)
-  texts = [math_chunk(rng) for _ in range(160)]
+  texts = [math_chunk(rng) for _ in range(200)]
   texts += ["", " ", "\n\t ", ".", "a", "42", "The answer is 42."]
   texts += [
     "É café naïve coöperate Ångström",
@@ -129,15 +129,34 @@ def test_steps_of_similar_size_do_not_recompile(minilm):
   rng = random.Random(7)
 
   def step():
-    student = [math_chunk(rng, (3, 5)) for _ in range(20)]  # about 50 tokens, like real chunks
-    return student, [[math_chunk(rng, (3, 5)) for _ in range(4)] for _ in student]
+    student = [math_chunk(rng, (3, 5)) for _ in range(16)]  # about 50 tokens, like real chunks
+    return student, [[math_chunk(rng, (3, 5)) for _ in range(3)] for _ in student]
 
   minilm.score(*step())
   compiled = minilm._score_fn._cache_size()
-  for _ in range(3):
+  for _ in range(2):
     sims = minilm.score(*step())
-    assert sims.shape == (20, 4) and np.all((sims >= 0) & (sims <= 1))
+    assert sims.shape == (16, 3) and np.all((sims >= 0) & (sims <= 1))
   assert minilm._score_fn._cache_size() == compiled
+
+
+def test_short_row_adapts_to_the_texts_then_stays(minilm):
+  enc = encoder.Encoder(nnx.merge(minilm.graphdef, minilm.state), minilm.tokenizer)
+  enc.pack([[101, 102]] * 3)  # empty strings: short rows
+  assert enc.short_row == 32
+  rng = np.random.default_rng(0)
+  chunks = [[101] + [2000] * int(n) + [102] for n in rng.integers(48, 60, 200)]
+  packed = enc.pack(chunks)
+  chosen = enc.short_row
+  assert 96 <= chosen <= 128 and len(packed.groups) == 1  # two ~55-token texts per row
+  segments = packed.groups[0][2].reshape(-1, chosen)
+  used_rows = segments[(segments >= 0).any(axis=1)]
+  assert (used_rows >= 0).mean() > 0.9  # tightly packed (all-padding blocks are skipped)
+  enc.pack(chunks[:150] + [[101] + [2000] * 200 + [102]])  # similar median: the choice stays
+  assert enc.short_row == chosen
+  fixed = encoder.Encoder(nnx.merge(minilm.graphdef, minilm.state), minilm.tokenizer, short_row=64)
+  fixed.pack(chunks)
+  assert fixed.short_row == 64
 
 
 def test_empty_inputs(minilm):
@@ -244,10 +263,12 @@ def test_sharded_scores_match_unsharded(tiny_dir, texts):
   teacher = [texts[16 + 3 * i : 19 + 3 * i] for i in range(16)]
   teacher[5][1] = None
   np.testing.assert_allclose(
-    sharded.score(student, teacher), plain.score(student, teacher), atol=1e-6
+    sharded.score(student, teacher), plain.score(student, teacher), atol=1e-5
   )
   batch_only = encoder.load_encoder(tiny_dir, mesh=mesh, batch_axes=("data",))
-  np.testing.assert_allclose(batch_only.encode(texts[:40]), plain.encode(texts[:40]), atol=1e-6)
+  np.testing.assert_allclose(
+    batch_only.encode(texts[:8]), plain.encode(texts[:8]), rtol=1e-5, atol=1e-5
+  )
 
 
 def test_unsupported_directories_and_inputs_fail_clearly(tmp_path, minilm):
