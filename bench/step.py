@@ -59,10 +59,9 @@ MODEL_SIZES = {
     num_attention_heads=16, num_key_value_heads=8, head_dim=128,
   ),
 }  # fmt: skip
-# (batch, prompt_len, response_len) of the update step when not given on the command line. Memory
-# grows ~10-15 GiB per row of 1280 tokens (full [T, T] attention scores and [L, V] float32 logits
-# per layer/term, kept for the backward pass): these fit an 80 GB H100.
-UPDATE_SHAPES = {"tiny": (4, 32, 64), "0.5b": (4, 256, 1024), "1.7b": (2, 256, 1024)}
+# (prompt_len, response_len) of the update step when not given on the command line; the batch is
+# the largest that `update_bytes` says fits the device (4 on CPU).
+UPDATE_SHAPES = {"tiny": (32, 64), "0.5b": (256, 1024), "1.7b": (256, 1024)}
 
 
 def median(rows, key: str) -> float:
@@ -321,6 +320,30 @@ def peak_tflops(args, device) -> float | None:
   return next((p for name, p in PEAK_TFLOPS if name in kind), None)
 
 
+def update_bytes(cfg, batch: int, prompt_len: int, response_len: int) -> float:
+  """Rough device bytes of the update: float32 parameters, gradients and Adam moments plus the
+  bf16 base copy, and per row what the backward pass keeps: [H, T, T] float32 attention scores
+  (masked, softmaxed) per layer and ~10 [L, V] float32 logit-sized arrays (student and base
+  logits, log-softmaxes, probabilities, gradient). Calibrated on XLA's memory analysis (CPU)."""
+  t = prompt_len + response_len - 1
+  attention = cfg.num_hidden_layers * 3 * cfg.num_attention_heads * t * t * 4
+  logits = 10 * response_len * cfg.vocab_size * 4
+  layers = cfg.num_hidden_layers * t * (8 * cfg.hidden_size + 3 * cfg.intermediate_size) * 2
+  return 18 * cfg.num_params() + batch * (attention + logits + layers)
+
+
+def fitting_batch(cfg, prompt_len: int, response_len: int, device) -> int:
+  """The largest batch in 16, 8, .., 1 whose `update_bytes` is within 85% of the device's memory
+  (4 when the device does not say how much it has)."""
+  limit = (device.memory_stats() or {}).get("bytes_limit")
+  if not limit:
+    return 4
+  for b in (16, 8, 4, 2, 1):
+    if update_bytes(cfg, b, prompt_len, response_len) <= 0.85 * limit:
+      return b
+  return 1
+
+
 def timed(fn, repeats: int) -> list[float]:
   times = []
   for _ in range(repeats):
@@ -403,12 +426,8 @@ def mfu_bench(args):
   from omniopd_jax import sampler, sharding
 
   size = args.model_size
-  default_b, default_p, default_l = UPDATE_SHAPES[size]
-  b, p, length = (
-    args.batch or default_b,
-    args.prompt_len or default_p,
-    args.response_len or default_l,
-  )
+  default_p, default_l = UPDATE_SHAPES[size]
+  p, length = args.prompt_len or default_p, args.response_len or default_l
   dtype = jnp.dtype(args.dtype)
   cfg = model_lib.ModelConfig(
     **MODEL_SIZES[size], architecture="qwen3", qk_norm=True, tie_word_embeddings=True,
@@ -416,6 +435,7 @@ def mfu_bench(args):
   )  # fmt: skip
   device = jax.devices()[0]
   mesh = sharding.make_mesh()
+  b = args.batch or fitting_batch(cfg, p, length, device)
   print(
     f"model {size}: {cfg.num_params() / 1e6:.1f}M params (float32 master, {dtype.name} compute) "
     f"on {jax.device_count()} x {device.device_kind}",
@@ -492,7 +512,7 @@ def main():
   parser.add_argument("--mfu", action="store_true", help="update MFU and decode tokens/s")
   parser.add_argument("--model-size", choices=sorted(MODEL_SIZES), default="tiny")
   parser.add_argument("--dtype", default="bfloat16", help="compute dtype (params stay float32)")
-  parser.add_argument("--batch", type=int, default=0, help="update rows (0: per model size)")
+  parser.add_argument("--batch", type=int, default=0, help="update rows (0: what fits)")
   parser.add_argument("--prompt-len", type=int, default=0, help="update P (0: per model size)")
   parser.add_argument("--response-len", type=int, default=0, help="update L (0: per model size)")
   parser.add_argument("--chunk-len", type=int, default=50, help="C")
