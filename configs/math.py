@@ -46,6 +46,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model.param_dtype = "float32"  # trained parameter dtype
   c.model.base_dtype = "float32"  # frozen base copy; bfloat16 halves its memory
   c.model.tokenizer_path = ""  # defaults to student_path
+  c.model.remat = (
+    False  # recompute each layer in the backward pass (fits paper scale, see tools.plan)
+  )
 
   c.rollout = ml_collections.ConfigDict()
   c.rollout.max_new_tokens = 1024  # response length cap (L)

@@ -73,7 +73,7 @@ def state_shardings(abstract_state: TrainState, mesh, rules=sharding.DEFAULT_RUL
   return TrainState(step=replicated, params=param_shardings, opt_state=opt, rng=replicated)
 
 
-def response_logits(graphdef, params, batch) -> jax.Array:
+def response_logits(graphdef, params, batch, remat: bool = False) -> jax.Array:
   """Logits predicting each response token: [B, L, V] float32.
 
   batch["tokens"] is [B, P + L] (left-padded prompt then response). Position P - 1 + i predicts
@@ -82,7 +82,7 @@ def response_logits(graphdef, params, batch) -> jax.Array:
   model = nnx.merge(graphdef, params)
   tokens, mask = batch["tokens"], batch["attention_mask"]
   length = batch["response_mask"].shape[1]
-  hidden = model.hidden_states(tokens[:, :-1], mask[:, :-1])  # [B, P + L - 1, E]
+  hidden = model.hidden_states(tokens[:, :-1], mask[:, :-1], remat=remat)  # [B, P + L - 1, E]
   return model.logits(hidden[:, -length:])  # [B, L, V]
 
 
@@ -158,7 +158,8 @@ def make_update_fn(
   use_teacher = config.method == "opd" and config.opd.estimator == "full_vocab"
 
   def loss_fn(params, base_params, teacher_params, batch):
-    logits = response_logits(graphdef, params, batch)  # [b, L, V]
+    remat = bool(getattr(getattr(config, "model", None), "remat", False))
+    logits = response_logits(graphdef, params, batch, remat=remat)  # [b, L, V]
     base_logits = teacher_logits = None
     if use_base:
       base_logits = jax.lax.stop_gradient(response_logits(graphdef, base_params, batch))

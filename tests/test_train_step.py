@@ -134,3 +134,17 @@ def test_non_finite_loss_keeps_the_last_good_state():
   assert not bool(metrics["train/loss_finite"])
   for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(state.params)):
     np.testing.assert_array_equal(a, np.asarray(b))
+
+
+def test_remat_gives_the_same_update():
+  mesh = sharding.make_mesh([("data", -1), ("fsdp", 1), ("tensor", 1)])
+  results = []
+  for remat in (False, True):
+    config = make_config("omniopd")
+    config.model.remat = remat
+    update, state, base, _ = setup(config, mesh)
+    state, metrics = update(state, base, make_batch())
+    results.append((float(metrics["train/loss"]), jax.tree.map(np.asarray, state.params)))
+  assert abs(results[0][0] - results[1][0]) < 1e-6
+  for a, b in zip(jax.tree.leaves(results[0][1]), jax.tree.leaves(results[1][1])):
+    np.testing.assert_allclose(a, b, atol=1e-6)
