@@ -292,22 +292,25 @@ class Encoder:
   def score(
     self, student_chunks: Sequence[str], teacher_chunks: Sequence[Sequence[str | None]]
   ) -> np.ndarray:
-    """Cosine similarity clipped to [0, 1]: [n, N] float32, NaN where a teacher sample is None.
+    """Cosine similarity clipped to [0, 1]: [n, N] float32, NaN where a teacher sample failed.
 
+    A failed sample is None or blank text (SPEC §1.5: not a disagreement), as in scoring.py.
     One jitted call embeds every distinct text of the step and computes the similarities.
-    Ragged teacher rows are padded with NaN up to the longest row.
     """
     n = len(student_chunks)
     if len(teacher_chunks) != n:
       raise ValueError(f"{n} student chunks but {len(teacher_chunks)} rows of teacher chunks")
-    width = max((len(row) for row in teacher_chunks), default=0)
-    if n == 0 or width == 0:
-      return np.full((n, width), np.nan, np.float32)
+    widths = {len(row) for row in teacher_chunks}
+    if len(widths) > 1:
+      raise ValueError(f"every teacher row needs the same N (pad with None); got {sorted(widths)}")
+    width = widths.pop() if widths else 0
     n_pad = _next_pow2(max(n, 8))  # bucketed: steps with fewer audited chunks reuse the program
     valid = np.zeros((n_pad, width), bool)
     for i, row in enumerate(teacher_chunks):
-      valid[i, : len(row)] = [t is not None for t in row]
-    flat = [t for row in teacher_chunks for t in row if t is not None]
+      valid[i] = [t is not None and bool(t.strip()) for t in row]
+    if not valid.any():
+      return np.full((n, width), np.nan, np.float32)  # nothing to compare: no device call
+    flat = [t for row, ok in zip(teacher_chunks, valid) for t, v in zip(row, ok) if v]
     unique, inverse = _dedupe(list(student_chunks) + flat)
     packed = self.pack(self.tokenize(unique))
     text_loc = packed.loc[inverse]  # [n + len(flat)]
@@ -348,8 +351,9 @@ def load_encoder(
 class FlaxEmbeddingScorer:
   """The project's scorer protocol on the Flax encoder: `score(student, teacher) -> [n, N]`.
 
-  Cosine similarity of sentence embeddings clipped to [0, 1], NaN where a teacher sample is None
-  (failed): the numbers of the sentence-transformers scorer, in one jitted call per step.
+  Cosine similarity of sentence embeddings clipped to [0, 1], NaN where a teacher sample failed
+  (None or blank): the numbers of scoring.EmbeddingScorer with sentence-transformers, computed in
+  one jitted call per step (tokenise, dedupe and pack on the host; embed and compare on device).
   """
 
   name = "embedding"

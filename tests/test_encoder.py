@@ -110,19 +110,20 @@ def test_step_similarity_matches_reference(minilm, reference_embeddings, texts):
   t_idx[0, 0] = s_idx[0]
   teacher[1] = [None] * width  # every teacher sample failed
   teacher[2][3] = None
-  teacher[3] = teacher[3][:2]  # ragged: padded with NaN
+  teacher[3][1] = " \n"  # blank text is a failed sample too (SPEC 1.5)
   scorer = encoder.FlaxEmbeddingScorer(encoder=minilm)
   sims = scorer.score(student, teacher)
 
   ref = reference_embeddings / np.linalg.norm(reference_embeddings, axis=1, keepdims=True)
   expected = np.clip(np.einsum("nd,nkd->nk", ref[s_idx], ref[t_idx]), 0.0, 1.0)
   for i, row in enumerate(teacher):
-    expected[i, [j for j in range(width) if j >= len(row) or row[j] is None]] = np.nan
+    expected[i, [j for j, t in enumerate(row) if t is None or not t.strip()]] = np.nan
   assert sims.shape == (n, width) and sims.dtype == np.float32
   np.testing.assert_array_equal(np.isnan(sims), np.isnan(expected))
   np.testing.assert_allclose(sims, expected, atol=1e-5)
   assert abs(sims[0, 0] - 1.0) < 1e-6
-  assert np.all(np.isnan(sims[1])) and np.isnan(sims[2, 3]) and np.all(np.isnan(sims[3, 2:]))
+  assert np.all(np.isnan(sims[1])) and np.isnan(sims[2, 3]) and np.isnan(sims[3, 1])
+  assert np.isnan(expected).sum() >= width + 2  # the pool also holds blank texts
 
 
 def test_steps_of_similar_size_do_not_recompile(minilm):
@@ -163,6 +164,7 @@ def test_empty_inputs(minilm):
   assert minilm.encode([]).shape == (0, 384)
   assert minilm.score([], []).shape == (0, 0)
   assert np.isnan(minilm.score(["a"], [[None, None]])).all()
+  assert np.isnan(minilm.score(["a", "b"], [["", "  "], [None, "\t"]])).all()
 
 
 @pytest.mark.parametrize("row_len", [32, 128])
@@ -288,3 +290,5 @@ def test_unsupported_directories_and_inputs_fail_clearly(tmp_path, minilm):
     minilm.encode(["ok", None])
   with pytest.raises(ValueError, match="rows of teacher chunks"):
     minilm.score(["a", "b"], [["c"]])
+  with pytest.raises(ValueError, match="same N"):
+    minilm.score(["a", "b"], [["c"], ["d", "e"]])
