@@ -14,6 +14,7 @@ keeps a result.json). Writes <workdir>/results.md, results.json and accuracy.png
 
 import ast
 import dataclasses
+import glob
 import json
 import os
 import shutil
@@ -31,6 +32,9 @@ flags.DEFINE_integer(
 flags.DEFINE_string("models", "", "A directory with student/ and teacher/ HF dirs to reuse.")
 flags.DEFINE_string("lrs", "", "Comma-separated learning rates (default: METHOD_LRS).")
 flags.DEFINE_string("only", "", "Comma-separated variant names to run (default all).")
+flags.DEFINE_bool(
+  "report_only", False, "Only rebuild results.md / accuracy.png from finished runs."
+)
 flags.DEFINE_multi_string("set", [], "FIELD=VALUE config override for every run (repeatable), "
                           "e.g. --set=omniopd.num_teacher_samples=8.")  # fmt: skip
 
@@ -356,7 +360,16 @@ def plot(results: list[dict], rows: list[dict], path: str) -> None:
 
 
 def compare(
-  workdir: str, *, quick=False, seeds=0, steps=0, models="", lrs=(), only=(), overrides=()
+  workdir: str,
+  *,
+  quick=False,
+  seeds=0,
+  steps=0,
+  models="",
+  lrs=(),
+  only=(),
+  overrides=(),
+  report_only=False,
 ) -> list:
   """Runs the whole comparison; returns the summary rows (also written to results.md)."""
   import jax
@@ -394,6 +407,11 @@ def compare(
 
   results = []
   t_start = time.time()
+  if report_only:  # e.g. after running disjoint --only sets in parallel processes
+    for path in sorted(glob.glob(os.path.join(workdir, "runs", "*", "*", "*", "result.json"))):
+      with open(path) as f:
+        results.append(json.load(f))
+    variants = []
 
   def run(v, lr, seed):
     url = url_for(v.other_tokenizer) if v.method == "omniopd" else ""
@@ -451,6 +469,7 @@ def main(argv):
     FLAGS.workdir, quick=FLAGS.quick, seeds=FLAGS.seeds, steps=FLAGS.steps, models=FLAGS.models,
     lrs=tuple(float(x) for x in FLAGS.lrs.split(",") if x),
     only=tuple(x for x in FLAGS.only.split(",") if x), overrides=FLAGS.set,
+    report_only=FLAGS.report_only,
   )  # fmt: skip
 
 
