@@ -8,6 +8,7 @@ pack into bucketed rows) around the Flax BERT of `bert.py`, one jitted call per 
 
 import bisect
 import dataclasses
+import math
 import os
 from collections.abc import Sequence
 
@@ -84,6 +85,10 @@ def pack_rows(lengths: np.ndarray, row_len: int, max_per_row: int):
       used, count = used + length, count + 1
     r += 1
   return row, start, slot
+
+
+def _ceil_div(a: int, b: int) -> int:
+  return -(-a // b)
 
 
 def _next_pow2(x: int) -> int:
@@ -223,12 +228,14 @@ class Encoder:
     if lengths.max() > self.cfg.max_seq_length:
       raise ValueError(f"a text has {lengths.max()} tokens, over max_seq_length")
     groups, loc, offset = [], np.zeros(lengths.size, np.int32), 0
-    median = float(np.median(lengths))
+    short_row, median = self.short_row, float(np.median(lengths))
     chosen_for = self._auto_row_median
     if chosen_for is None or (chosen_for >= 0 and abs(median - chosen_for) > 0.25 * chosen_for):
-      self.short_row, self._auto_row_median = self._cheapest_row(lengths), median
-    short = lengths <= self.short_row
-    for members, r in ((np.flatnonzero(short), self.short_row), (np.flatnonzero(~short), None)):
+      short_row = self._cheapest_row(lengths)
+      if lengths.size >= 64:  # a choice made on a few texts is used once, not kept
+        self.short_row, self._auto_row_median = short_row, median
+    short = lengths <= short_row
+    for members, r in ((np.flatnonzero(short), short_row), (np.flatnonzero(~short), None)):
       if not members.size:
         continue
       r = r or self.cfg.max_seq_length
@@ -257,9 +264,13 @@ class Encoder:
   def _fill(self, token_ids, lengths, r, rows, start, slot):
     """Write one group's ids/positions/segments; returns them and the group's flat output size."""
     n_rows = int(rows.max()) + 1
-    block_rows = min(max(1, self.block_tokens // r), _next_pow2(n_rows))
-    block_rows = -(-block_rows // self._batch_devices) * self._batch_devices
-    num_blocks = _next_pow2(-(-n_rows // block_rows))
+    # Blocks of at most block_tokens, evened out so the last one is not mostly padding; rows per
+    # block rounded up to a multiple of 4 (and of the batch devices) to bound the shape variants.
+    # Large steps always get full blocks, so their shapes depend on the block count alone.
+    blocks_needed = _ceil_div(n_rows, max(1, self.block_tokens // r))
+    multiple = math.lcm(4, self._batch_devices)
+    block_rows = _ceil_div(_ceil_div(n_rows, blocks_needed), multiple) * multiple
+    num_blocks = _next_pow2(_ceil_div(n_rows, block_rows))  # bucketed; padding blocks are skipped
     shape = (num_blocks * block_rows * r,)
     ids, positions = np.zeros(shape, np.int32), np.zeros(shape, np.int32)
     segments = np.full(shape, -1, np.int32)

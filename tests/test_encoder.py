@@ -143,7 +143,9 @@ def test_steps_of_similar_size_do_not_recompile(minilm):
 
 def test_short_row_adapts_to_the_texts_then_stays(minilm):
   enc = encoder.Encoder(nnx.merge(minilm.graphdef, minilm.state), minilm.tokenizer)
-  enc.pack([[101, 102]] * 3)  # empty strings: short rows
+  assert enc.pack([[101, 102]] * 3).groups[0][0].shape[-1] == 32  # empty strings: short rows
+  assert enc.short_row is None  # chosen from 3 texts: used once, not kept
+  enc.pack([[101, 102]] * 64)
   assert enc.short_row == 32
   rng = np.random.default_rng(0)
   chunks = [[101] + [2000] * int(n) + [102] for n in rng.integers(48, 60, 200)]
