@@ -3,18 +3,20 @@
 
   python bench/step.py --quick                       # ~1-2 min CPU; last line overlap_efficiency=<x>
   python bench/step.py --latency-ms 200 --steps 8    # on-policy and one_step_off, 8 timed steps each
-  python bench/step.py --mfu --model-size tiny       # CPU check of the MFU path (seconds)
+  python bench/step.py --mfu --model-size tiny       # CPU check of the MFU path (under a minute)
   python bench/step.py --mfu --model-size 0.5b       # GPU: random Qwen3-0.6B-shaped model, bf16
 
 Default mode: our `serve` runs the :smoke teacher, behind a proxy (a subprocess of this script) that
-sleeps `--latency-ms` before forwarding each POST; `train.run` trains :smoke against the proxy,
-on-policy and with `one_step_off`. Per mode it prints the medians of rollout / teacher span /
-teacher wait / scoring / update, the mean step period and the overlap efficiency
-max(device, teacher) / step, where device = rollout + update and teacher = the span from the
-teacher submission to the last result (collect's `teacher_span`).
+sleeps `--latency-ms` before forwarding each POST; teacher and trainer get disjoint CPU halves (as
+if the teacher were another machine; `--no-pin` shares them). `train.run` trains :smoke against
+the proxy, on-policy and with `one_step_off`. Per mode it prints the medians of rollout / teacher
+span / teacher wait / scoring / update, the mean step period, the overlap efficiency
+max(device, teacher span) / step (device = rollout + update; teacher span = submission to last
+result, collect's `teacher_span`), which exceeds 1 when consecutive steps' teacher spans overlap,
+and the step period against the loop's dependency bound (see `summarize`).
 
 `--mfu` imports only model, train_step, sampler (and their jax/flax/optax dependencies), so it runs
-where ml_collections, grain or absl are not installed.
+where ml_collections, grain or tensorboardX are not installed.
 """
 
 import argparse
