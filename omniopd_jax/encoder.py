@@ -128,9 +128,9 @@ class Encoder:
     block_tokens: tokens per step of the on-device loop over blocks of rows: bounds activation
       memory; accelerators like larger blocks.
     short_row: the row length R for texts up to that many tokens (most chunks); longer texts get
-      rows of max_seq_length. None (default): the length that packs a call's texts most cheaply,
-      kept while the median text length stays within 25% of the one it was chosen for, so that
-      steps of similar texts reuse compiled programs.
+      rows of max_seq_length. None (default): the multiple of 16 that packs a call's texts most
+      cheaply; chosen on a call of >= 64 texts, it is kept while the median text length stays
+      within 25% of that call's, so that steps of similar texts reuse compiled programs.
     max_texts_per_row: slots per row (S).
   """
 
