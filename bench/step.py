@@ -291,12 +291,13 @@ def overlap_bench(args):
 # --mfu: the jitted OmniOPD update and the sampler on a randomly initialised model
 
 
-def mfu_config(chunk_len: int, num_forks: int, steps: int):
+def mfu_config(chunk_len: int, num_forks: int, steps: int, remat: bool = False):
   """configs/math.py's defaults for the sections train_step reads, as a nested namespace (no
   ml_collections needed)."""
   ns = types.SimpleNamespace
   return ns(
     method="omniopd",
+    model=ns(remat=remat),
     num_steps=steps,
     micro_batches=1,
     omniopd=ns(
@@ -335,13 +336,16 @@ def peak_tflops(args, device) -> float | None:
 def update_bytes(cfg, batch: int, prompt_len: int, response_len: int) -> float:
   """Rough device bytes of the update: float32 parameters, gradients and Adam moments plus the
   bf16 base copy, and per row what the backward pass keeps: [H, T, T] float32 attention scores
-  (masked, softmaxed) per layer and ~10 [L, V] float32 logit-sized arrays (student and base
-  logits, log-softmaxes, probabilities, gradient). Calibrated on XLA's memory analysis (CPU)."""
+  (masked, softmaxed) and the activations of every layer, and ~10 [L, V] float32 logit-sized
+  arrays (student and base logits, log-softmaxes, probabilities, gradient). Calibrated on XLA's
+  memory analysis (CPU), which shows the same total with config.model.remat."""
   t = prompt_len + response_len - 1
-  attention = cfg.num_hidden_layers * 3 * cfg.num_attention_heads * t * t * 4
+  attention = 3 * cfg.num_attention_heads * t * t * 4
+  layers = cfg.num_hidden_layers * (
+    attention + t * (8 * cfg.hidden_size + 3 * cfg.intermediate_size) * 2
+  )
   logits = 10 * response_len * cfg.vocab_size * 4
-  layers = cfg.num_hidden_layers * t * (8 * cfg.hidden_size + 3 * cfg.intermediate_size) * 2
-  return 18 * cfg.num_params() + batch * (attention + logits + layers)
+  return 18 * cfg.num_params() + batch * (layers + logits)
 
 
 def fitting_batch(cfg, prompt_len: int, response_len: int, device) -> int:
@@ -385,7 +389,7 @@ def time_update(cfg, dtype, mesh, b: int, p: int, length: int, args):
   graphdef, params = nnx.split(model)
   del model
   chunk, forks = args.chunk_len, args.num_forks
-  config = mfu_config(chunk, forks, args.steps + 1)
+  config = mfu_config(chunk, forks, args.steps + 1, args.remat)
   base_params = jax.tree.map(lambda x: jnp.array(x, dtype=dtype, copy=True), params)
   tx = train_step.make_optimizer(config.optimizer, config.num_steps)
   state = train_step.init_state(params, tx, 0)
@@ -449,7 +453,8 @@ def mfu_bench(args):
   mesh = sharding.make_mesh()
   b = args.batch or fitting_batch(cfg, p, length, device)
   print(
-    f"model {size}: {cfg.num_params() / 1e6:.1f}M params (float32 master, {dtype.name} compute) "
+    f"model {size}: {cfg.num_params() / 1e6:.1f}M params (float32 master, {dtype.name} compute"
+    f"{', remat' if args.remat else ''}) "
     f"on {jax.device_count()} x {device.device_kind}",
     flush=True,
   )
@@ -527,6 +532,9 @@ def main():
   parser.add_argument("--batch", type=int, default=0, help="update rows (0: what fits)")
   parser.add_argument("--prompt-len", type=int, default=0, help="update P (0: per model size)")
   parser.add_argument("--response-len", type=int, default=0, help="update L (0: per model size)")
+  parser.add_argument(
+    "--remat", action="store_true", help="per-layer rematerialisation (config.model.remat)"
+  )
   parser.add_argument("--chunk-len", type=int, default=50, help="C")
   parser.add_argument("--num-forks", type=int, default=10, help="M")
   parser.add_argument("--decode-batch", type=int, default=32)
