@@ -162,7 +162,8 @@ def make_scorer(cfg) -> Scorer:
 
   Args:
     cfg: ml_collections.ConfigDict or dict with `phi` in PHIS; for "embedding" also
-      `embedding_backend` in EMBEDDING_BACKENDS (default "sentence_transformers"), optional
+      `embedding_backend` in EMBEDDING_BACKENDS (default "flax", our encoder on the accelerator;
+      "sentence_transformers" is the PyTorch reference), optional
       `encoder_path` (a local model directory; default the offline MiniLM), `device` ("cpu") and
       `batch_size` (64) for sentence-transformers.
   """
@@ -173,7 +174,7 @@ def make_scorer(cfg) -> Scorer:
     return Rouge1Scorer()
   if phi != "embedding":
     raise ValueError(f"Unknown phi {phi!r}; choose one of {PHIS}.")
-  backend = cfg.get("embedding_backend", "sentence_transformers")
+  backend = cfg.get("embedding_backend", "flax")
   path = cfg.get("encoder_path", None) or None  # "" in a config means the default
   if backend == "sentence_transformers":
     return EmbeddingScorer(
@@ -184,5 +185,6 @@ def make_scorer(cfg) -> Scorer:
   if backend == "flax":
     from omniopd_jax import encoder  # lazy: JAX encoder only when asked for
 
-    return EmbeddingScorer(encoder.load_encoder(path).encode)
+    # Encode, cosine, clip and NaN mask in one jitted call on the accelerator.
+    return encoder.FlaxEmbeddingScorer(path)
   raise ValueError(f"Unknown embedding_backend {backend!r}; choose one of {EMBEDDING_BACKENDS}.")

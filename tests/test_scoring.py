@@ -80,7 +80,9 @@ def test_make_scorer_choices():
 @pytest.fixture(scope="module")
 def minilm():
   """The real offline all-MiniLM-L6-v2 through make_scorer (loaded once for the module)."""
-  scorer = scoring.make_scorer(ml_collections.ConfigDict({"phi": "embedding"}))
+  scorer = scoring.make_scorer(
+    ml_collections.ConfigDict({"phi": "embedding", "embedding_backend": "sentence_transformers"})
+  )
   assert isinstance(scorer, scoring.EmbeddingScorer)
   return scorer
 
