@@ -169,8 +169,8 @@ def make_generate_fn(
     mesh: optional; then rows are split over the batch axes and, when `state` (an example state
       or its abstract shape) is given, parameters are pinned to their logical-axis shardings.
 
-  The function takes prompt_tokens [B, P] int32 (left-padded), prompt_mask [B, P] bool and a
-  uint32 seed scalar, and returns device arrays tokens/mask/logprobs/entropy [B*K, L] plus
+  The function takes prompt_tokens [B, P] int32 (left-padded, e.g. from `pad_prompts`),
+  prompt_mask [B, P] bool and an int seed, and returns device arrays tokens/mask/logprobs/entropy [B*K, L] plus
   `steps` (decode iterations run; the loop exits once every row has emitted an EOS). It compiles
   once per (B, P) and never again.
   """
