@@ -299,7 +299,8 @@ def summarize(results: list[dict]) -> list[dict]:
         teacher_tokens=float(np.mean([r["teacher_tokens"] for r in ok])),
       )
     out.append(row)
-  return out
+  order = {v.name: i for i, v in enumerate(VARIANTS)}
+  return sorted(out, key=lambda row: (order.get(row["variant"], len(order)), row["lr"]))
 
 
 def write_markdown(rows: list[dict], path: str, header: str) -> None:
@@ -436,6 +437,8 @@ def compare(
       grid = grid[:1] if quick else grid
       first = [(run(v, lr, 0).get("after", -1.0), lr) for lr in grid]
       best = max(first)[1]
+      if max(first)[0] < 0:  # refused (the different-tokenizer opd): nothing more to learn
+        continue
       for seed in range(1, seeds):
         run(v, best, seed)
   finally:
