@@ -191,6 +191,9 @@ def _smoke(c):
   c.scoring.phi = "edit"
   c.teacher.base_url = ""  # "": start omniopd_jax.serve on the smoke teacher
   c.smoke_serve_teacher = True
+  # One fork per HTTP call: each fork's samples then depend on its own seed only, so a resumed run
+  # (whose first step may be partly in the teacher cache) asks for exactly the same samples.
+  c.teacher.prompts_per_request = 1
   c.max_prompt_len = 96
   c.data.instruction = ""  # character-level models: keep prompts short
   c.data.task_kwargs = {
