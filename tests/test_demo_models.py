@@ -63,8 +63,6 @@ def test_missing_source_is_a_clear_error(tmp_path):
     demo_models.build(str(tmp_path), config, log=print)
 
 
-@pytest.mark.skipif(not os.path.isdir(os.path.join(demo_models.BUNDLED, "demo_teacher")),
-                    reason="no bundled demo models")  # fmt: skip
 def test_bundled_pair_strong_teacher_weaker_student():
   examples = 64
   config = demo_config()

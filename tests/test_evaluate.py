@@ -200,8 +200,7 @@ def test_cli_with_the_project_config(tiny_model_dir, tmp_path):
   missing = set(data.default_config()) - set(config.data)
   used = {"num_examples", "num_samples", "temperature", "max_new_tokens", "batch_size"}
   missing |= {f"eval.{k}" for k in used - set(config.eval)}
-  if missing:
-    pytest.skip(f"configs/math.py lacks data/eval fields {sorted(missing)}")
+  assert not missing, f"configs/math.py lacks data/eval fields {sorted(missing)}"
   out = tmp_path / "results.json"
   proc = _run_cli(
     [

@@ -1,7 +1,5 @@
 """Tests for omniopd_jax.scoring: hand-computed similarities, failures as NaN, the real MiniLM."""
 
-import importlib.util
-
 import ml_collections
 import numpy as np
 import pytest
@@ -115,9 +113,6 @@ def test_minilm_scores(minilm):
   assert out[1, 3] == pytest.approx(float(np.clip(emb[0] @ emb[1], 0, 1)), abs=1e-5)
 
 
-@pytest.mark.skipif(
-  importlib.util.find_spec("omniopd_jax.encoder") is None, reason="no Flax encoder yet"
-)
 def test_flax_backend_matches_sentence_transformers(minilm):
   flax_scorer = scoring.make_scorer({"phi": "embedding", "embedding_backend": "flax"})
   student = ["Then 3 + 4 = 7, so x = 7.", "The answer is 10."]

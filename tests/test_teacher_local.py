@@ -165,8 +165,6 @@ def test_local_backend_through_teacher_client(hf_model):
 
 
 def test_teacher_client_from_config_local(hf_model):
-  if "model_path" not in tc.DEFAULTS:
-    pytest.skip("teacher_client.from_config has no `local` hook yet (see the serve report)")
   cfg = dict(backend="local", model_path=hf_model[0], max_tokens=8)
   reqs = [tc.TeacherRequest(key="a", prefix_text="ab", num_samples=2, seed=0)]
   with tc.TeacherClient.from_config(cfg) as client:
