@@ -31,3 +31,23 @@ def smollm2_dir():
     if not (out / "config.json").exists():
       import_gguf.convert(import_gguf.default_gguf_path(), str(out))
   return str(out)
+
+
+def save_tiny_char_model(config_cls, path, tokenizer, *, seed=0, **overrides):
+  """A tiny random transformers model over the character tokenizer, saved with it to `path`.
+
+  Returns the torch model (eval mode). Shared by the serve and local-teacher tests.
+  """
+  import torch
+  import transformers
+
+  cfg = config_cls(
+    vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+    num_attention_heads=4, num_key_value_heads=2, pad_token_id=0, bos_token_id=1,
+    eos_token_id=2, **overrides,
+  )  # fmt: skip
+  torch.manual_seed(seed)
+  model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
+  model.save_pretrained(path)
+  tokenizer.save_pretrained(path)
+  return model

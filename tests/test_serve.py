@@ -13,6 +13,7 @@ import time
 import urllib.error
 import urllib.request
 
+import conftest
 import numpy as np
 import pytest
 import torch
@@ -33,24 +34,10 @@ def tokenizer():
 @pytest.fixture(scope="module")
 def hf_model(tmp_path_factory, tokenizer):
   """(model dir, torch model): a random Qwen3 saved by transformers with the char tokenizer."""
-  cfg = transformers.Qwen3Config(
-    vocab_size=len(tokenizer),
-    hidden_size=32,
-    intermediate_size=64,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    head_dim=16,
-    max_position_embeddings=MAX_LEN,
-    pad_token_id=0,
-    bos_token_id=1,
-    eos_token_id=2,
-  )
-  torch.manual_seed(0)
-  model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
   path = str(tmp_path_factory.mktemp("qwen3"))
-  model.save_pretrained(path)
-  tokenizer.save_pretrained(path)
+  model = conftest.save_tiny_char_model(
+    transformers.Qwen3Config, path, tokenizer, head_dim=16, max_position_embeddings=MAX_LEN
+  )
   return path, model
 
 

@@ -5,6 +5,7 @@ transformers, and the `local` backend through TeacherClient."""
 import json
 import os
 
+import conftest
 import numpy as np
 import pytest
 import torch
@@ -20,23 +21,10 @@ SP = teacher_local.SamplingParams
 def hf_model(tmp_path_factory):
   """(model dir, torch model, tokenizer): a random Llama whose generation_config adds EOS id 5."""
   tokenizer = tasks.make_char_tokenizer()
-  cfg = transformers.LlamaConfig(
-    vocab_size=len(tokenizer),
-    hidden_size=32,
-    intermediate_size=64,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=64,
-    pad_token_id=0,
-    bos_token_id=1,
-    eos_token_id=2,
-  )
-  torch.manual_seed(1)
-  model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
   path = str(tmp_path_factory.mktemp("llama"))
-  model.save_pretrained(path)
-  tokenizer.save_pretrained(path)
+  model = conftest.save_tiny_char_model(
+    transformers.LlamaConfig, path, tokenizer, seed=1, max_position_embeddings=64
+  )
   with open(os.path.join(path, "generation_config.json"), "w") as f:
     json.dump({"eos_token_id": [2, 5]}, f)
   return path, model, tokenizer
