@@ -22,6 +22,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
+import roofline  # noqa: E402  (bench/roofline.py, beside this script)
 from sentence_transformers import SentenceTransformer  # noqa: E402
 
 from omniopd_jax import encoder  # noqa: E402
@@ -128,6 +129,13 @@ def main():
     f"all {n} texts in one call (the scorer's path): ours {n / med(one_call):.1f} texts/s "
     f"= x{n / med(one_call) / best_st:.2f} sentence-transformers at its best batch size"
   )
+  if jax.default_backend() == "cpu":
+    rates = [roofline.gemm_gflops(4096, k, f) for k, f in ((384, 1536), (1536, 384))]
+    print(
+      "# ceiling (bench/roofline.py): the encoder's feed-forward matmuls run at "
+      + ", ".join(f"{x:.0f} vs {r:.0f} GFLOP/s (x{x / r:.2f})" for x, r in rates)
+      + " in XLA vs torch on this CPU"
+    )
   print(f"encoder_vs_sentence_transformers_ratio={med(paired):.2f}")
 
 
