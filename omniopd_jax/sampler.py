@@ -15,6 +15,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding
 
+from omniopd_jax import model as model_lib
 from omniopd_jax import sharding
 
 # Prompt lengths and batch sizes are rounded up to one of these (then to multiples of the largest),
@@ -152,9 +153,12 @@ def _lm_head(model):
 
 def _cache_shardings(model, mesh, rules):
   cfg = model.config
-  shape = (1, 1, cfg.num_key_value_heads, cfg.dim_per_head)
-  spec = sharding.logical_to_spec(("batch", None, "kv_heads", "head_dim"), shape, mesh, rules)
-  return NamedSharding(mesh, spec)
+  kv, d = cfg.num_key_value_heads, cfg.dim_per_head
+  spec = lambda axes, shape: sharding.logical_to_spec(axes, shape, mesh, rules)
+  return (
+    NamedSharding(mesh, spec(model_lib.K_CACHE_AXES, (1, kv, d, 1))),
+    NamedSharding(mesh, spec(model_lib.V_CACHE_AXES, (1, kv, 1, d))),
+  )
 
 
 def make_generate_fn(
@@ -186,11 +190,11 @@ def make_generate_fn(
     prompt_mask = prompt_mask.astype(bool)
     constrain = lambda x, s: x if mesh is None else jax.lax.with_sharding_constraint(x, s)
     rows = None if mesh is None else sharding.batch_sharding(mesh, 2, rules)
-    kv = None if mesh is None else _cache_shardings(model, mesh, rules)
+    k_sh, v_sh = (None, None) if mesh is None else _cache_shardings(model, mesh, rules)
 
     # Prefill: write the prompt into the cache; logits only at the last slot (every row's last
     # prompt token sits there, prompts being left-padded), not over the whole prompt.
-    cache = [(constrain(k, kv), constrain(v, kv)) for k, v in model.init_cache(b, p + length)]
+    cache = [(constrain(k, k_sh), constrain(v, v_sh)) for k, v in model.init_cache(b, p + length)]
     slot_mask = jnp.concatenate([prompt_mask, jnp.ones((b, length), bool)], axis=1)  # [B, S]
     positions = jnp.maximum(jnp.cumsum(prompt_mask, axis=1) - 1, 0)  # [B, P]
     hidden, cache = model.hidden_states(
@@ -201,7 +205,7 @@ def make_generate_fn(
     done = ~prompt_mask.any(axis=1)  # all-padding rows are finished from the start
     if k_samples > 1:  # K continuations share one prefill
       rep = lambda x: jnp.repeat(x, k_samples, axis=0)
-      cache = [(constrain(rep(k), kv), constrain(rep(v), kv)) for k, v in cache]
+      cache = [(constrain(rep(k), k_sh), constrain(rep(v), v_sh)) for k, v in cache]
       logits, slot_mask, prompt_len, done = map(rep, (logits, slot_mask, prompt_len, done))
     n = b * k_samples
     key = jax.random.key(seed)

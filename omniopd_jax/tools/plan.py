@@ -269,10 +269,9 @@ def plan(config, cfg: model.ModelConfig, mesh_sizes: dict[str, int], remat: bool
 
   def kv_line(name, label, rows, slots, prefill):
     padded = sampler.bucket(rows, sampler.BATCH_BUCKETS, n_rows)
-    spec = sharding.logical_to_spec(
-      ("batch", None, "kv_heads", "head_dim"), (padded, slots, kv, d), mesh, rules
-    )
-    per_layer = _shard_bytes((padded, slots, kv, d), dtype, spec, mesh)
+    shape = (padded, kv, slots, d)
+    spec = sharding.logical_to_spec(model.V_CACHE_AXES, shape, mesh, rules)  # keys: same bytes
+    per_layer = _shard_bytes(shape, dtype, spec, mesh)
     b = padded // n_rows
     formula = f"{b} rows x {slots} slots x {n} layers x 2 x {kv_dev} kv heads x {d} x {c} B"
     temps = b * (2 * vocab_dev + heads_dev * prefill * slots) * 4
