@@ -170,3 +170,23 @@ def build_fork_requests(
     boundary_mismatch=np.asarray(mismatch, bool).reshape(-1),
   )
   return requests, int(requests.boundary_mismatch.sum())
+
+
+def clip_to_tokens(tokenizer, texts, num_tokens: int) -> list:
+  """Each text cut to its first `num_tokens` tokens of `tokenizer` (None stays None).
+
+  Scoring compares like with like (reference/teacher_apis.md §10, step 4): the student's chunk
+  and every teacher continuation are measured in the student's tokens from the same cut point.
+  Without it, a fork right after a space compares the space plus C student tokens against C
+  teacher tokens that include the space (one character longer on a character-level student:
+  " 8\nAnswer" against " 8\nAnswe", which MiniLM scores 0.56 although both say 8).
+  """
+  present = [t for t in texts if t is not None]
+  if not present:
+    return list(texts)
+  ids = tokenizer(present, add_special_tokens=False)["input_ids"]
+  heads = tokenizer.batch_decode([x[:num_tokens] for x in ids], skip_special_tokens=True)
+  # The original characters, up to where the round trip still agrees with them (a character
+  # split by the cut decodes to U+FFFD and drops out, as in _split_clean).
+  clipped = iter(t[: _common_prefix_len(t, h)] for t, h in zip(present, heads))
+  return [None if t is None else next(clipped) for t in texts]

@@ -95,7 +95,7 @@ def teacher_requests(config, req: chunks.ForkRequests, examples, backend: str, s
   return out
 
 
-def wait_and_score(futures, student_texts, scorer, num_samples: int):
+def wait_and_score(futures, student_texts, scorer, num_samples: int, clip=None):
   """Scores completed requests in waves while later ones are still in flight.
 
   Returns (sim [n, N] with NaN for failed samples, teacher texts n x N (None = failed),
@@ -117,11 +117,24 @@ def wait_and_score(futures, student_texts, scorer, num_samples: int):
     for i, f in zip(idx, done):
       samples = f.result()
       texts[i] = [s.text if s.ok else None for s in samples]
+      if clip is not None:
+        texts[i] = clip(texts[i])
       reasons += [s.error for s in samples if not s.ok]
     t0 = time.perf_counter()
     sim[idx] = scorer.score([student_texts[i] for i in idx], [texts[i] for i in idx])
     score_s += time.perf_counter() - t0
   return sim, texts, reasons, wait_s, score_s
+
+
+def _uses_ids(ctx) -> bool:
+  """Whether the teacher continues token ids (then after the moved whitespace), not text."""
+  fmt = ctx.config.teacher.prompt_format
+  return ctx.backend in ("openai_completions", "local") and fmt == "token_ids"
+
+
+def _clip(ctx):
+  """Texts -> the same texts cut to chunk_len student tokens (chunks.clip_to_tokens)."""
+  return lambda texts: chunks.clip_to_tokens(ctx.tokenizer, texts, ctx.config.omniopd.chunk_len)
 
 
 def collect_omniopd(ctx, model, batch, step: int):
@@ -145,10 +158,7 @@ def collect_omniopd(ctx, model, batch, step: int):
   req, mismatches = chunks.build_fork_requests(
     ctx.tokenizer, prompts, roll.tokens, roll.mask, starts, valid, chunk_len=o.chunk_len
   )
-  use_ids = (
-    ctx.backend in ("openai_completions", "local") and config.teacher.prompt_format == "token_ids"
-  )
-  student_texts = req.chunk_text_for_ids() if use_ids else req.chunk_text
+  student_texts = _clip(ctx)(req.chunk_text_for_ids() if _uses_ids(ctx) else req.chunk_text)
   t_submit = time.perf_counter()
   futures = ctx.teacher.submit(teacher_requests(config, req, batch["examples"], ctx.backend, step))
   arrivals = [t_submit]  # teacher_span = last arrival - submission (callbacks fire on arrival)
@@ -192,7 +202,7 @@ def _finish_omniopd(
   group = o.weight_form == "group"
   num_n = o.num_teacher_samples
   sim, teacher_texts, reasons, wait_s, score_s = wait_and_score(
-    futures, student_texts, ctx.scorer, num_n
+    futures, student_texts, ctx.scorer, num_n, clip=_clip(ctx)
   )
   pi_bar = reward.chunk_pi_bar(roll.logprobs, starts, valid, o.chunk_len)  # [B, M]
   if group:
@@ -205,6 +215,8 @@ def _finish_omniopd(
       t1 = time.perf_counter()
       for j in range(1, k):
         texts_j = ctx.tokenizer.batch_decode(drafts.tokens[:, j - 1], skip_special_tokens=True)
+        if not _uses_ids(ctx):  # drafts continue prefix_ids: put the moved whitespace back
+          texts_j = _clip(ctx)([w + x for w, x in zip(req.moved_whitespace, texts_j)])
         sims[:, j] = ctx.scorer.score(texts_j, teacher_texts)
         pis[:, j] = reward.pi_bar_from_logprobs(drafts.logprobs[:, j - 1])
       score_s += time.perf_counter() - t1

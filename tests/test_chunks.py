@@ -171,3 +171,35 @@ def test_rejects_chunks_that_do_not_fit(tokenizer):
     chunks.build_fork_requests(
       tokenizer, [[], []], ids, mask, np.array([[0]]), np.array([[True]]), chunk_len=2
     )
+
+
+def test_clip_to_tokens_compares_like_with_like():
+  """A fork after a space: the student's chunk (space moved onto it, then C tokens) and a teacher
+  continuation (C tokens that include the space) are both cut to C student tokens."""
+  from omniopd_jax import tasks
+
+  char = tasks.make_char_tokenizer()
+  resp = char.encode("12 - 4 = 8\nAnswer: 8", add_special_tokens=False)
+  t = len("12 - 4 = ")
+  req, _ = chunks.build_fork_requests(
+    char, [[1]], np.asarray([resp]), np.ones((1, len(resp)), bool), np.asarray([[t]]),
+    np.asarray([[True]]), chunk_len=8,
+  )  # fmt: skip
+  assert req.response_prefix_text == ["12 - 4 ="] and req.chunk_text == [" 8\nAnswer"]  # 9 chars
+  teacher = [
+    " 8\nAnswe",
+    None,
+    " 9",
+  ]  # C = 8 teacher tokens (the space is one), a failure, a short one
+  assert chunks.clip_to_tokens(char, req.chunk_text, 8) == [" 8\nAnswe"]
+  assert chunks.clip_to_tokens(char, teacher, 8) == teacher
+  assert chunks.clip_to_tokens(char, [None], 8) == [None]
+
+
+def test_clip_to_tokens_keeps_the_original_characters(tokenizer):
+  text = "Café ∑ naïve 😀 done. We add 3 + 4 = 7"
+  ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+  for n in (1, 3, len(ids), len(ids) + 5):
+    (clipped,) = chunks.clip_to_tokens(tokenizer, [text], n)
+    assert text.startswith(clipped)
+    assert len(tokenizer(clipped, add_special_tokens=False)["input_ids"]) == min(n, len(ids))
