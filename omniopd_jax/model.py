@@ -169,7 +169,7 @@ class Attention(nnx.Module):
     if self.q_norm is not None:
       q, k = self.q_norm(q), self.k_norm(k)
     q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
-    keys = "bskd"
+    keys = values = "bskd"  # einsum layouts of k and v: as projected, or as cached
     if cache is not None:
       # Per head, keys are cached as [D, S] and values as [S, D]: both attention matmuls of a
       # decode step then read the cache in its own layout (q [G, D] x [D, S], p [G, S] x [S, D]),
@@ -178,7 +178,8 @@ class Attention(nnx.Module):
         c, new.transpose(perm).astype(c.dtype), cache_index, axis
       )
       cache = (write(cache[0], k, (0, 2, 3, 1), 3), write(cache[1], v, (0, 2, 1, 3), 2))
-      k, v, keys = cache[0].astype(x.dtype), cache[1].astype(x.dtype), "bkds"
+      k, v = cache[0].astype(x.dtype), cache[1].astype(x.dtype)
+      keys, values = "bkds", "bksd"
     b, t, h, d = q.shape
     if t == 1 and cache is not None:
       return self.o_proj(self._attend_one(q, k, v, mask)), cache
@@ -187,8 +188,7 @@ class Attention(nnx.Module):
     # A large finite negative (not -inf) keeps fully masked rows (padding queries) NaN-free.
     scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(x.dtype)  # softmax in float32, as transformers
-    out = jnp.einsum(f"bkgts,{'bskd' if cache is None else 'bksd'}->btkgd", probs, v)
-    out = out.reshape(b, t, h, d)
+    out = jnp.einsum(f"bkgts,{values}->btkgd", probs, v).reshape(b, t, h, d)
     return self.o_proj(out), cache
 
   def _attend_one(self, q, k, v, mask):
