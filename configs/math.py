@@ -3,7 +3,7 @@
   python -m omniopd_jax.main --config=configs/math.py --workdir=/tmp/opd \
       --config.model.student_path=/ckpt/qwen3-1.7b --config.teacher.base_url=http://127.0.0.1:8000/v1
   python -m omniopd_jax.main --config=configs/math.py:smoke --workdir=/tmp/smoke   # CPU, seconds
-  python -m omniopd_jax.main --config=configs/math.py:demo --workdir=/tmp/demo     # CPU, ~15 min
+  python -m omniopd_jax.main --config=configs/math.py:demo --workdir=/tmp/demo     # CPU, ~5 min
   python -m omniopd_jax.main --config=configs/math.py:anthropic ...   # Claude Haiku 4.5 teacher
   python -m omniopd_jax.main --config=configs/math.py:gemini ...      # Gemini 2.5 Flash teacher
   python -m omniopd_jax.main --config=configs/math.py:pod ...         # TPU pod / multi-node GPU
@@ -71,7 +71,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.omniopd.norm_constant = 0.0  # 0: use rollout.max_new_tokens
 
   c.scoring = ml_collections.ConfigDict()
-  c.scoring.phi = "embedding"  # embedding | edit | rouge1
+  c.scoring.phi = "embedding"  # embedding | edit | rouge1 | exact (whitespace-normalised match)
   c.scoring.embedding_backend = (
     "flax"  # flax (our encoder, on the accelerator) | sentence_transformers
   )

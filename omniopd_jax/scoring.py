@@ -13,7 +13,7 @@ from typing import Protocol
 import numpy as np
 from rapidfuzz.distance import Levenshtein
 
-PHIS = ("embedding", "edit", "rouge1")
+PHIS = ("embedding", "edit", "rouge1", "exact")
 EMBEDDING_BACKENDS = ("sentence_transformers", "flax")
 
 
@@ -78,6 +78,22 @@ def rouge1_f1(a: str, b: str) -> float:
     return 1.0
   overlap = sum((collections.Counter(ta) & collections.Counter(tb)).values())
   return 2.0 * overlap / (len(ta) + len(tb))
+
+
+def exact_match(a: str, b: str) -> float:
+  """1.0 when the texts agree up to runs of whitespace ("7 \n8" == "7 8"), else 0.0.
+
+  The sharp phi of SPEC §2 ("sharper phi for structured text"): one wrong digit is a full
+  disagreement, where MiniLM still scores ~0.9 and edit distance 1 - 1/C.
+  """
+  return float(a.split() == b.split())
+
+
+class ExactMatchScorer:
+  """phi = `exact_match` (whitespace-normalised string equality)."""
+
+  def score(self, student_chunks, teacher_chunks) -> np.ndarray:
+    return _pairwise(exact_match, student_chunks, teacher_chunks)
 
 
 class EditDistanceScorer:
@@ -172,6 +188,8 @@ def make_scorer(cfg) -> Scorer:
     return EditDistanceScorer()
   if phi == "rouge1":
     return Rouge1Scorer()
+  if phi == "exact":
+    return ExactMatchScorer()
   if phi != "embedding":
     raise ValueError(f"Unknown phi {phi!r}; choose one of {PHIS}.")
   backend = cfg.get("embedding_backend", "flax")

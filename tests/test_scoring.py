@@ -15,6 +15,15 @@ def test_edit_similarity_hand_values():
   assert scoring.edit_similarity("3+4=7", "3+4=8") == pytest.approx(0.8)
 
 
+def test_exact_match_hand_values():
+  assert scoring.exact_match(" 8\nAnswe", " 8\nAnswe") == 1.0
+  assert scoring.exact_match(" 8\nAnswe", " 9\nAnswe") == 0.0  # one digit: full disagreement
+  assert scoring.exact_match("7 +  8", "7 +\n8") == 1.0  # runs of whitespace are equal
+  assert scoring.exact_match("78", "7 8") == 0.0  # but whitespace is not dropped
+  out = scoring.ExactMatchScorer().score(["a b", "c"], [["a  b", None, "ab"], ["c", "", "d"]])
+  np.testing.assert_array_equal(out, [[1.0, np.nan, 0.0], [1.0, np.nan, 0.0]])
+
+
 def test_rouge1_hand_values():
   assert scoring.rouge_tokens("2x+3=7. The Cat") == ["2x", "+", "3", "=", "7", ".", "the", "cat"]
   assert scoring.rouge1_f1("The cat sat.", "the cat ran.") == pytest.approx(6 / 8)
@@ -69,6 +78,7 @@ def test_make_scorer_choices():
   assert isinstance(
     scoring.make_scorer(ml_collections.ConfigDict({"phi": "rouge1"})), scoring.Rouge1Scorer
   )
+  assert isinstance(scoring.make_scorer({"phi": "exact"}), scoring.ExactMatchScorer)
   with pytest.raises(ValueError, match="Unknown phi"):
     scoring.make_scorer({"phi": "bleu"})
   with pytest.raises(ValueError, match="embedding_backend"):

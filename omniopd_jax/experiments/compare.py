@@ -72,6 +72,7 @@ VARIANTS = (
       ("ablate-random-forks", (("omniopd.fork_method", "random"),)),
       ("ablate-phi-edit", (("scoring.phi", "edit"),)),
       ("ablate-phi-rouge1", (("scoring.phi", "rouge1"),)),
+      ("ablate-phi-exact", (("scoring.phi", "exact"),)),
     )
   ),
   Variant(
