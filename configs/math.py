@@ -75,6 +75,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.scoring.embedding_backend = (
     "flax"  # flax (our encoder, on the accelerator) | sentence_transformers
   )
+  c.scoring.phi_floor = 0.0  # > 0: phi' = max(0, (phi - floor) / (1 - floor)) (calibration)
   c.scoring.encoder_path = ""  # sentence-transformers dir; "" = the offline all-MiniLM-L6-v2
 
   c.teacher = ml_collections.ConfigDict()

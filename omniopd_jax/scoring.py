@@ -173,7 +173,32 @@ def sentence_transformers_encode_fn(
   return encode
 
 
+class FlooredScorer:
+  """phi' = max(0, (phi - floor) / (1 - floor)): similarities at or below `floor` count as full
+  disagreement, the rest are stretched back onto [0, 1]; NaN (failed samples) stays NaN.
+
+  A calibration for short structured chunks, where MiniLM's cosine rarely drops below ~0.7 even
+  when the numbers differ (a wrong final digit scores ~0.89 against 1.0 for the right one).
+  """
+
+  def __init__(self, inner: Scorer, floor: float):
+    if not 0.0 <= floor < 1.0:
+      raise ValueError(f"scoring.phi_floor must be in [0, 1), got {floor!r}.")
+    self.inner, self.floor = inner, float(floor)
+
+  def score(self, student_chunks, teacher_chunks) -> np.ndarray:
+    sim = self.inner.score(student_chunks, teacher_chunks)  # [n, N]
+    return np.maximum(sim - self.floor, 0.0).astype(np.float32) / np.float32(1.0 - self.floor)
+
+
 def make_scorer(cfg) -> Scorer:
+  """`_make_scorer` wrapped in `FlooredScorer` when cfg has a `phi_floor` > 0."""
+  scorer = _make_scorer(cfg)
+  floor = cfg.get("phi_floor", 0.0) or 0.0
+  return FlooredScorer(scorer, floor) if floor else scorer
+
+
+def _make_scorer(cfg) -> Scorer:
   """Builds the scorer a config asks for.
 
   Args:
@@ -181,7 +206,7 @@ def make_scorer(cfg) -> Scorer:
       `embedding_backend` in EMBEDDING_BACKENDS (default "flax", our encoder on the accelerator;
       "sentence_transformers" is the PyTorch reference), optional
       `encoder_path` (a local model directory; default the offline MiniLM), `device` ("cpu") and
-      `batch_size` (64) for sentence-transformers.
+      `batch_size` (64) for sentence-transformers; `phi_floor` (see FlooredScorer).
   """
   phi = cfg.get("phi", "embedding")
   if phi == "edit":

@@ -73,6 +73,21 @@ def test_embedding_scorer_with_hand_vectors():
     scoring.EmbeddingScorer(lambda texts: np.zeros((1, 2))).score(["a"], [["b"]])
 
 
+def test_phi_floor_rescales_and_keeps_failures():
+  inner = scoring.EditDistanceScorer()
+  floored = scoring.make_scorer({"phi": "edit", "phi_floor": 0.75})
+  assert isinstance(floored, scoring.FlooredScorer)
+  student, teacher = ["abcd", "abcd", "abcd"], [["abcd", None], ["abcx", "abxx"], ["", "wxyz"]]
+  raw = inner.score(student, teacher)  # [[1, nan], [0.75, 0.5], [nan, 0]]
+  out = floored.score(student, teacher)
+  want = np.where(np.isnan(raw), np.nan, np.maximum(raw - 0.75, 0) / 0.25)
+  np.testing.assert_allclose(out, want, atol=1e-6)
+  assert out[0, 0] == pytest.approx(1.0) and out[1, 0] == 0.0 and np.isnan(out[2, 0])
+  assert isinstance(scoring.make_scorer({"phi": "edit", "phi_floor": 0.0}), type(inner))
+  with pytest.raises(ValueError, match="phi_floor"):
+    scoring.make_scorer({"phi": "edit", "phi_floor": 1.0})
+
+
 def test_make_scorer_choices():
   assert isinstance(scoring.make_scorer({"phi": "edit"}), scoring.EditDistanceScorer)
   assert isinstance(
