@@ -451,7 +451,7 @@ def compare(
     f"Held-out greedy accuracy (pass@1) on {base.eval.num_examples} chain-sum problems; "
     f"{steps} steps of batch {base.batch_size} student samples; seed 0 at each learning rate "
     f"of the grid, then seeds 1..{seeds - 1} at the best one (the `seeds` column); "
-    f"total {time.time() - t_start:.0f}s.\n"
+    f"{sum(r.get('wall_s', 0.0) for r in results) / 60:.0f} min of runs in all.\n"
     f"Command: `python -m omniopd_jax.experiments.compare --workdir=DIR"
     f"{' --quick' if quick else ''} --seeds={seeds} --steps={steps}`"
   )
