@@ -81,7 +81,7 @@ def rouge1_f1(a: str, b: str) -> float:
 
 
 def exact_match(a: str, b: str) -> float:
-  """1.0 when the texts agree up to runs of whitespace ("7 \n8" == "7 8"), else 0.0.
+  """1.0 when the texts agree up to runs of whitespace ("7 +  8" == "7 + 8"), else 0.0.
 
   The sharp phi of SPEC §2 ("sharper phi for structured text"): one wrong digit is a full
   disagreement, where MiniLM still scores ~0.9 and edit distance 1 - 1/C.
