@@ -52,7 +52,9 @@ setup(
   long_description_content_type="text/markdown",
   python_requires=">=3.11",
   packages=find_packages(include=["omniopd_jax", "omniopd_jax.*"]),
-  package_data={"omniopd_jax": ["assets/*/*"]},  # the shipped demo teacher and student (4 MB)
+  package_data={
+    "omniopd_jax": ["experiments/assets/*/*"]
+  },  # the shipped demo teacher and student (4 MB)
   install_requires=INSTALL_REQUIRES,
   extras_require=EXTRAS,
 )

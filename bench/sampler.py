@@ -28,7 +28,8 @@ import roofline  # noqa: E402  (bench/roofline.py, beside this script)
 import torch  # noqa: E402
 import transformers  # noqa: E402
 
-from omniopd_jax import hf, sampler  # noqa: E402
+from omniopd_jax.models import hf  # noqa: E402
+from omniopd_jax.rollout import sampler
 
 # The same converted copy the tests use (tests/conftest.py), so it is converted once per checkout.
 SMOLLM2_DIR = os.path.join(

@@ -25,7 +25,7 @@ import numpy as np  # noqa: E402
 import roofline  # noqa: E402  (bench/roofline.py, beside this script)
 from sentence_transformers import SentenceTransformer  # noqa: E402
 
-from omniopd_jax import encoder  # noqa: E402
+from omniopd_jax.reward import encoder  # noqa: E402
 
 
 def math_chunk(rng: random.Random, tokenize, target: int = 50) -> str:

@@ -147,8 +147,9 @@ def run_mode(args, root: str, teacher_url: str, one_step_off: bool) -> list[dict
   warm-up, not the last), each with its step period added."""
   import json
 
-  from configs import math as math_config
-  from omniopd_jax import metrics, train
+  from omniopd_jax.configs import math as math_config
+  from omniopd_jax.train import loop as train
+  from omniopd_jax.train import metrics
 
   config = math_config.get_config("smoke")
   config.num_steps = args.warmup + args.steps + 1  # the last step has no next one to overlap
@@ -238,8 +239,10 @@ def overlap_bench(args):
 
   import jax
 
-  from configs import math as math_config
-  from omniopd_jax import demo_models, serve, train
+  from omniopd_jax.configs import math as math_config
+  from omniopd_jax.experiments import demo_models
+  from omniopd_jax.teacher import server as serve
+  from omniopd_jax.train import loop as train
 
   train.setup_logging()
   root = args.workdir or tempfile.mkdtemp(prefix="omniopd_bench_step_")
@@ -379,8 +382,9 @@ def time_update(cfg, dtype, mesh, b: int, p: int, length: int, args):
   import numpy as np
   from flax import nnx
 
-  from omniopd_jax import model as model_lib
-  from omniopd_jax import sharding, train_step
+  from omniopd_jax import sharding
+  from omniopd_jax.models import lm as model_lib
+  from omniopd_jax.train import step as train_step
 
   with jax.set_mesh(mesh):
     model = sharding.create_sharded(
@@ -438,8 +442,9 @@ def mfu_bench(args):
   import numpy as np
   from flax import nnx
 
-  from omniopd_jax import model as model_lib
-  from omniopd_jax import sampler, sharding
+  from omniopd_jax import sharding
+  from omniopd_jax.models import lm as model_lib
+  from omniopd_jax.rollout import sampler
 
   size = args.model_size
   default_p, default_l = UPDATE_SHAPES[size]

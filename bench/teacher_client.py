@@ -21,7 +21,7 @@ import time
 
 import aiohttp
 
-from omniopd_jax import teacher_client as tc
+from omniopd_jax.teacher import client as tc
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMEOUT_S = 0.5  # the fault server hangs 0.3 s on "timeout" faults... then answers 504
@@ -187,7 +187,7 @@ def main():
   parser.add_argument("--n", type=int, default=None, help="continuations per round")
   parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds per side")
   args = parser.parse_args()
-  logging.getLogger("omniopd_jax.teacher_client").setLevel(
+  logging.getLogger("omniopd_jax.teacher.client").setLevel(
     logging.ERROR
   )  # storm notices: noise here
   n = args.n or (500 if args.quick else 2000)

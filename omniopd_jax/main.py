@@ -45,7 +45,7 @@ def main(argv):
   maybe_initialize_distributed()
   import jax
 
-  from omniopd_jax import train
+  from omniopd_jax.train import loop as train
 
   train.setup_logging()
   print(

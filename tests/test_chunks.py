@@ -5,7 +5,7 @@ import pytest
 import transformers
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from omniopd_jax import chunks
+from omniopd_jax.rollout import chunks
 
 CORPUS = [
   "Let x = 5. Then 2x = 10.\n\nSo the answer is 10.",
@@ -176,7 +176,7 @@ def test_rejects_chunks_that_do_not_fit(tokenizer):
 def test_clip_to_tokens_compares_like_with_like():
   """A fork after a space: the student's chunk (space moved onto it, then C tokens) and a teacher
   continuation (C tokens that include the space) are both cut to C student tokens."""
-  from omniopd_jax import tasks
+  from omniopd_jax.data import tasks
 
   char = tasks.make_char_tokenizer()
   resp = char.encode("12 - 4 = 8\nAnswer: 8", add_special_tokens=False)

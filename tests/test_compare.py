@@ -12,8 +12,8 @@ from omniopd_jax.experiments import compare
 
 @pytest.fixture(scope="module")
 def smoke_models(tmp_path_factory):
-  from configs import math as math_config
-  from omniopd_jax import demo_models
+  from omniopd_jax.configs import math as math_config
+  from omniopd_jax.experiments import demo_models
 
   workdir = tmp_path_factory.mktemp("cmp_models")
   student, teacher = demo_models.build(str(workdir), math_config.get_config("smoke"), log=print)
@@ -23,7 +23,7 @@ def smoke_models(tmp_path_factory):
 def test_permuted_tokenizer_teacher_is_the_same_function(smoke_models):
   import jax.numpy as jnp
 
-  from omniopd_jax import hf
+  from omniopd_jax.models import hf
 
   workdir, _, teacher = smoke_models
   other = compare.permuted_tokenizer_teacher(teacher, str(workdir / "other"))

@@ -5,7 +5,8 @@ import json
 
 import pytest
 
-from omniopd_jax import data, tasks
+from omniopd_jax.data import prompts as data
+from omniopd_jax.data import tasks
 
 
 @pytest.fixture(autouse=True)

@@ -5,8 +5,10 @@ import os
 
 import pytest
 
-from configs import math as math_config
-from omniopd_jax import data, demo_models, hf
+from omniopd_jax.configs import math as math_config
+from omniopd_jax.data import prompts as data
+from omniopd_jax.experiments import demo_models
+from omniopd_jax.models import hf
 
 
 def demo_config(**demo):

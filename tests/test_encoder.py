@@ -11,7 +11,9 @@ import pytest
 from flax import nnx
 from sentence_transformers import SentenceTransformer
 
-from omniopd_jax import bert, encoder, sharding
+from omniopd_jax import sharding
+from omniopd_jax.models import bert
+from omniopd_jax.reward import encoder
 
 
 def math_chunk(rng: random.Random, parts=(1, 9)) -> str:

@@ -8,7 +8,9 @@ import sys
 
 import pytest
 
-from omniopd_jax import data, evaluate, tasks
+from omniopd_jax.data import prompts as data
+from omniopd_jax.data import tasks
+from omniopd_jax.eval import evaluate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -148,7 +150,8 @@ def tiny_model_dir(tmp_path_factory, tok):
 
 CONFIG_FILE = """
 import ml_collections
-from omniopd_jax import data, evaluate
+from omniopd_jax.data import prompts as data
+from omniopd_jax.eval import evaluate
 
 def get_config(arg=None):
   c = ml_collections.ConfigDict()
@@ -164,7 +167,7 @@ def get_config(arg=None):
 def _run_cli(args):
   env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
   return subprocess.run(
-    [sys.executable, "-m", "omniopd_jax.evaluate", *args],
+    [sys.executable, "-m", "omniopd_jax.eval.evaluate", *args],
     cwd=ROOT,
     env=env,
     capture_output=True,
@@ -193,7 +196,7 @@ def test_cli_with_the_project_config(tiny_model_dir, tmp_path):
   """configs/math.py:smoke drives the CLI once config.data / config.eval carry our fields."""
   sys.path.insert(0, ROOT)
   try:
-    from configs import math as math_config
+    from omniopd_jax.configs import math as math_config
   finally:
     sys.path.remove(ROOT)
   config = math_config.get_config("smoke")

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from omniopd_jax import forks
+from omniopd_jax.rollout import forks
 
 
 def _reference_forks(entropy_row, mask_row, num_forks, chunk_len):

@@ -4,7 +4,7 @@ import concurrent.futures
 
 import pytest
 
-from omniopd_jax import grading
+from omniopd_jax.data import grading
 
 
 @pytest.mark.parametrize(

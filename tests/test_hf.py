@@ -9,7 +9,7 @@ import pytest
 import torch
 import transformers
 
-from omniopd_jax import hf
+from omniopd_jax.models import hf
 
 LLAMA3_ROPE = {
   "rope_type": "llama3",

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from omniopd_jax import losses
+from omniopd_jax.methods import losses
 
 B, T, V = 3, 9, 13
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from omniopd_jax import model as model_lib
+from omniopd_jax.models import lm as model_lib
 
 TINY = dict(
   vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,

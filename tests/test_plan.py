@@ -11,9 +11,12 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from configs import math as math_config
-from omniopd_jax import hf, model, sharding, train_step
+from omniopd_jax import sharding
+from omniopd_jax.configs import math as math_config
+from omniopd_jax.models import hf
+from omniopd_jax.models import lm as model
 from omniopd_jax.tools import plan
+from omniopd_jax.train import step as train_step
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from omniopd_jax import reward
+from omniopd_jax.reward import posterior as reward
 
 
 def test_soft_counts_ignore_failures():

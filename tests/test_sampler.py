@@ -9,7 +9,8 @@ import torch
 import transformers
 from flax import nnx
 
-from omniopd_jax import hf, sampler
+from omniopd_jax.models import hf
+from omniopd_jax.rollout import sampler
 
 VOCAB = 96
 FAMILIES = ("llama", "qwen2", "qwen3")

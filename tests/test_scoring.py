@@ -4,7 +4,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from omniopd_jax import scoring
+from omniopd_jax.reward import similarity as scoring
 
 
 def test_edit_similarity_hand_values():

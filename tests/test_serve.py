@@ -19,8 +19,10 @@ import pytest
 import torch
 import transformers
 
-from omniopd_jax import serve, tasks, teacher_local
-from omniopd_jax import teacher_client as tc
+from omniopd_jax.data import tasks
+from omniopd_jax.teacher import client as tc
+from omniopd_jax.teacher import local as teacher_local
+from omniopd_jax.teacher import server as serve
 
 MAX_LEN = 128  # max_position_embeddings
 CAP = 64  # --max_tokens_cap

@@ -8,8 +8,10 @@ import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from omniopd_jax import hf, sampler, sharding
-from omniopd_jax import model as model_lib
+from omniopd_jax import sharding
+from omniopd_jax.models import hf
+from omniopd_jax.models import lm as model_lib
+from omniopd_jax.rollout import sampler
 
 CFG = model_lib.ModelConfig(
   vocab_size=128,

@@ -5,7 +5,8 @@ import re
 import pytest
 import transformers
 
-from omniopd_jax import data, grading, tasks
+from omniopd_jax.data import grading, tasks
+from omniopd_jax.data import prompts as data
 
 _STEP = re.compile(r"^(-?\d+) ([-+*/]) (-?\d+) = (-?\d+)$")
 _NEGATE = re.compile(r"^-\((-?\d+)\) = (-?\d+)$")

@@ -12,8 +12,8 @@ import time
 import ml_collections
 import pytest
 
-from omniopd_jax import teacher_backends as tb
-from omniopd_jax import teacher_client as tc
+from omniopd_jax.teacher import backends as tb
+from omniopd_jax.teacher import client as tc
 
 sys.path.insert(0, os.path.dirname(__file__))
 import fake_teacher_servers as fts  # noqa: E402

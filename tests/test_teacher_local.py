@@ -11,8 +11,10 @@ import pytest
 import torch
 import transformers
 
-from omniopd_jax import sampler, tasks, teacher_local
-from omniopd_jax import teacher_client as tc
+from omniopd_jax.data import tasks
+from omniopd_jax.rollout import sampler
+from omniopd_jax.teacher import client as tc
+from omniopd_jax.teacher import local as teacher_local
 
 SP = teacher_local.SamplingParams
 

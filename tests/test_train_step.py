@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from configs import math as math_config
-from omniopd_jax import model as model_lib
-from omniopd_jax import sharding, train_step
+from omniopd_jax import sharding
+from omniopd_jax.configs import math as math_config
+from omniopd_jax.models import lm as model_lib
+from omniopd_jax.train import step as train_step
 
 TINY = model_lib.ModelConfig(
   vocab_size=48, hidden_size=32, intermediate_size=64, num_hidden_layers=2,

@@ -92,7 +92,7 @@ VARIANTS = (
 
 def base_config(quick: bool):
   """The :demo config, unlocked; --quick shrinks it to seconds per run."""
-  from configs import math as math_config
+  from omniopd_jax.configs import math as math_config
 
   config = math_config.get_config("demo")
   config.unlock()
@@ -109,7 +109,7 @@ def base_config(quick: bool):
 def prepare_models(workdir: str, config, models: str, quick: bool) -> tuple[str, str]:
   """(student dir, teacher dir): `models` if given, else built (once) by demo_models: the demo's
   trained pair, or with `quick` the smoke variant's untrained tiny pair (plumbing only)."""
-  from omniopd_jax import demo_models
+  from omniopd_jax.experiments import demo_models
 
   if models:
     student, teacher = os.path.join(models, "student"), os.path.join(models, "teacher")
@@ -132,7 +132,7 @@ def permuted_tokenizer_teacher(teacher_dir: str, out_dir: str) -> str:
   import tokenizers
   import transformers
 
-  from omniopd_jax import hf
+  from omniopd_jax.models import hf
 
   if os.path.exists(os.path.join(out_dir, "config.json")):
     return out_dir
@@ -243,7 +243,7 @@ def accuracy_curve(run_dir: str) -> list[tuple[int, float]]:
 
 def run_one(config, variant: Variant, run_dir: str) -> dict:
   """Trains one run (or reads its cached result); a refusal is a result, not a crash."""
-  from omniopd_jax import train
+  from omniopd_jax.train import loop as train
 
   done = os.path.join(run_dir, "result.json")
   if os.path.exists(done):
@@ -377,7 +377,7 @@ def compare(
   import jax
   import torch
 
-  from omniopd_jax import serve
+  from omniopd_jax.teacher import server as serve
 
   os.makedirs(workdir, exist_ok=True)
   # The MiniLM scorer (torch) shares the cores with JAX; one thread avoids oversubscription, which
@@ -466,7 +466,7 @@ def compare(
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
-  from omniopd_jax import train
+  from omniopd_jax.train import loop as train
 
   train.setup_logging()
   compare(

@@ -25,7 +25,9 @@ def export(workdir: str, out: str, step: int | None = None, dtype: str | None = 
   import ml_collections
   from flax import nnx
 
-  from omniopd_jax import checkpoint, hf, train_step
+  from omniopd_jax.models import hf
+  from omniopd_jax.train import checkpoint
+  from omniopd_jax.train import step as train_step
 
   config_path = os.path.join(workdir, "config.json")
   if not os.path.exists(config_path):

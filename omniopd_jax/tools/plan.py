@@ -54,7 +54,11 @@ from absl import app, flags
 from flax import nnx
 from ml_collections import config_flags
 
-from omniopd_jax import hf, model, sampler, sharding, train_step
+from omniopd_jax import sharding
+from omniopd_jax.models import hf
+from omniopd_jax.models import lm as model
+from omniopd_jax.rollout import sampler
+from omniopd_jax.train import step as train_step
 
 GIB = 1024**3
 

@@ -4,8 +4,8 @@ as HF directories under <workdir>/models (so the run itself loads them like any 
 `:smoke` uses tiny random models. `:demo` trains, in-project, a character-level teacher that is
 strong on worked chain-sum solutions and a weaker student base (fewer layers, fewer steps):
 
-  python -m omniopd_jax.demo_models --out=/tmp/demo_models            # both, as in the demo
-  python -m omniopd_jax.demo_models --out=DIR --teacher_steps=30 --student_steps=10   # CI size
+  python -m omniopd_jax.experiments.demo_models --out=/tmp/demo_models            # both, as in the demo
+  python -m omniopd_jax.experiments.demo_models --out=DIR --teacher_steps=30 --student_steps=10   # CI size
 """
 
 import os
@@ -16,8 +16,13 @@ import jax
 import numpy as np
 from flax import nnx
 
-from omniopd_jax import data, evaluate, hf, sharding, tasks, train_step
-from omniopd_jax import model as model_lib
+from omniopd_jax import sharding
+from omniopd_jax.data import prompts as data
+from omniopd_jax.data import tasks
+from omniopd_jax.eval import evaluate
+from omniopd_jax.models import hf
+from omniopd_jax.models import lm as model_lib
+from omniopd_jax.train import step as train_step
 
 STUDENT = dict(hidden_size=96, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
                num_key_value_heads=2)  # fmt: skip
@@ -72,7 +77,7 @@ def sft_train(model, tokenizer, pairs, *, steps, batch_size, learning_rate, seed
   AdamW, 5% warmup then cosine decay to 5% of `learning_rate` (the decay matters: a constant rate
   leaves the arithmetic noisy). Batches are sampled with replacement from `pairs`.
   """
-  from configs import math as math_config
+  from omniopd_jax.configs import math as math_config
 
   config = math_config.get_config("smoke")
   config.unlock()
@@ -142,7 +147,7 @@ def build(workdir: str, config, log=print) -> tuple[str, str]:
   """(student_dir, teacher_dir) for the smoke/demo variants, built once and cached.
 
   Demo: `config.demo.teacher_path` / `student_path` name an HF directory to copy ("bundled": the
-  pair shipped in omniopd_jax/assets), or "" to train that model here with `sft_train` (the
+  pair shipped in omniopd_jax/experiments/assets), or "" to train that model here with `sft_train` (the
   teacher takes ~6000 steps to pass 90%: tens of minutes on 2 CPU cores, seconds on a GPU).
   """
   root = os.path.join(workdir, "models")
@@ -207,7 +212,7 @@ def main(argv):
   from absl import flags
 
   f = flags.FLAGS
-  from configs import math as math_config
+  from omniopd_jax.configs import math as math_config
 
   config = math_config.get_config("demo")
   config.unlock()

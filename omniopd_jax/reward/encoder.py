@@ -19,7 +19,7 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from omniopd_jax import bert
+from omniopd_jax.models import bert
 
 
 def default_model_path() -> str:

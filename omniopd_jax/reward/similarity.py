@@ -226,7 +226,7 @@ def _make_scorer(cfg) -> Scorer:
       )
     )
   if backend == "flax":
-    from omniopd_jax import encoder  # lazy: JAX encoder only when asked for
+    from omniopd_jax.reward import encoder  # lazy: JAX encoder only when asked for
 
     # Encode, cosine, clip and NaN mask in one jitted call on the accelerator.
     return encoder.FlaxEmbeddingScorer(path)

@@ -23,19 +23,16 @@ import numpy as np
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from omniopd_jax import (
-  checkpoint,
-  collect,
-  data,
-  evaluate,
-  hf,
-  metrics,
-  sampler,
-  scoring,
-  sharding,
-  train_step,
-)
-from omniopd_jax import teacher_client as tc
+from omniopd_jax import sharding
+from omniopd_jax.data import prompts as data
+from omniopd_jax.eval import evaluate
+from omniopd_jax.methods import collect
+from omniopd_jax.models import hf
+from omniopd_jax.reward import similarity as scoring
+from omniopd_jax.rollout import sampler
+from omniopd_jax.teacher import client as tc
+from omniopd_jax.train import checkpoint, metrics
+from omniopd_jax.train import step as train_step
 
 log = logging.getLogger("omniopd_jax")
 
@@ -117,13 +114,13 @@ def resolve_models(config, workdir: str) -> tuple[str, str]:
   """(student dir, teacher dir or "") with a clear error when a path is missing."""
   variants = config.variant.split(",")
   if "smoke" in variants or "demo" in variants:
-    from omniopd_jax import demo_models
+    from omniopd_jax.experiments import demo_models
 
     # Process 0 builds (once, cached in the workdir); the others wait, then read the cache.
     if jax.process_index() == 0:
       demo_models.build(workdir, config, log=lambda m: print(m, flush=True))
     if jax.process_count() > 1:
-      multihost_utils.sync_global_devices("omniopd_jax.demo_models")
+      multihost_utils.sync_global_devices("omniopd_jax.experiments.demo_models")
     student, teacher = demo_models.build(workdir, config, log=lambda m: print(m, flush=True))
     return config.model.student_path or student, teacher
   path = config.model.student_path
@@ -145,7 +142,7 @@ def start_teacher(config, teacher_dir: str, workdir: str):
   """The teacher URL; for smoke/demo without a base_url, our own server in a subprocess."""
   if config.teacher.base_url or not config.smoke_serve_teacher:
     return config.teacher.base_url, None
-  from omniopd_jax import serve
+  from omniopd_jax.teacher import server as serve
 
   handle = serve.start_subprocess(teacher_dir, log_path=os.path.join(workdir, "teacher_server.log"))
   print(f"teacher: serving {teacher_dir} at {handle.url}", flush=True)

@@ -76,7 +76,7 @@ def _make_example(question, answer, task, metadata, cfg) -> Example:
   )
   answer = answer.strip()
   if cfg.extract_gold:
-    from omniopd_jax import grading
+    from omniopd_jax.data import grading
 
     answer = grading.extract_answer(answer) or answer
   return {"question": str(question), "answer": answer, "task": task, "metadata": metadata}
@@ -87,7 +87,7 @@ def _task_list(cfg) -> list[str]:
   tasks = [t.strip() for t in names if t.strip()]
   if not tasks:
     raise ValueError("data.tasks is empty: name at least one reasoning-gym task, e.g. 'chain_sum'")
-  from omniopd_jax import grading
+  from omniopd_jax.data import grading
 
   unknown = [t for t in tasks if not grading.is_reasoning_gym_task(t)]
   if unknown:

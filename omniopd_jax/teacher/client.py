@@ -24,7 +24,7 @@ from typing import Any
 import aiohttp
 import numpy as np
 
-from omniopd_jax import teacher_backends as tb
+from omniopd_jax.teacher import backends as tb
 
 TeacherRequest = tb.TeacherRequest
 Sample = tb.Sample
@@ -331,7 +331,7 @@ class TeacherClient:
     elif name == "gemini":
       kwargs["thinking_budget"] = budget
     if name == "local":  # imported lazily: it pulls in the sampler and JAX
-      from omniopd_jax import teacher_local  # noqa: PLC0415
+      from omniopd_jax.teacher import local as teacher_local  # noqa: PLC0415
 
       backend = teacher_local.LocalBackend(model_path, **kwargs)
     else:

@@ -1,7 +1,7 @@
 """Held-out evaluation: greedy pass@1, sampled pass@k and maj@k, mean response length; as a
 library function over any `generate_fn` and as a command line over an HF model directory.
 
-  python -m omniopd_jax.evaluate --model HF_DIR --config=configs/math.py:demo \
+  python -m omniopd_jax.eval.evaluate --model HF_DIR --config=configs/math.py:demo \
       [--num_examples 200] [--out results.json]
 """
 
@@ -15,7 +15,8 @@ from collections.abc import Callable, Sequence
 
 import ml_collections
 
-from omniopd_jax import data, grading
+from omniopd_jax.data import grading
+from omniopd_jax.data import prompts as data
 
 # generate_fn(prompt_ids_list, max_new_tokens, temperature, seed) -> response token ids per prompt
 GenerateFn = Callable[[list[list[int]], int, float, int], list[list[int]]]
@@ -179,7 +180,7 @@ def evaluate(
 
 def sampler_generate_fn(model, tokenizer, mesh=None) -> GenerateFn:
   """A generate_fn over omniopd_jax.sampler for a Flax model; stops at the tokenizer's EOS."""
-  from omniopd_jax import sampler
+  from omniopd_jax.rollout import sampler
 
   eos_ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else None
   pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -221,7 +222,7 @@ def main(argv):
   del argv
   from absl import flags
 
-  from omniopd_jax import hf
+  from omniopd_jax.models import hf
 
   config = flags.FLAGS.config
   model_dir = flags.FLAGS.model

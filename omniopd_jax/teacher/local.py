@@ -15,8 +15,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from omniopd_jax import hf, sampler
-from omniopd_jax import teacher_backends as tb
+from omniopd_jax.models import hf
+from omniopd_jax.rollout import sampler
+from omniopd_jax.teacher import backends as tb
 
 MAX_LOGPROBS = 20  # top log-probs per token, as vLLM's default max_logprobs
 # Score (teacher-forced) calls hold [rows, S, V] float32 log-probs: rows are capped to this many
@@ -464,7 +465,7 @@ class LocalBackend(tb.OpenAICompletions):
 
   async def send(self, call: tb.HttpCall, data: bytes) -> tuple[int, dict, bytes]:
     """(status, headers, body bytes) for one call, on the client's event loop."""
-    from omniopd_jax import serve  # noqa: PLC0415  (serve imports this module)
+    from omniopd_jax.teacher import server as serve  # noqa: PLC0415  (serve imports this module)
 
     if self._batcher is None:  # created on the loop that calls send
       self._batcher = serve.Batcher(self.teacher, self.teacher.max_batch)

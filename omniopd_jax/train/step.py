@@ -15,7 +15,8 @@ import numpy as np
 import optax
 from flax import nnx
 
-from omniopd_jax import losses, sharding
+from omniopd_jax import sharding
+from omniopd_jax.methods import losses
 
 METHODS = ("omniopd", "opd", "grpo", "sft")
 

@@ -9,7 +9,7 @@ character-level HF tokenizer with a chat template, and (prompt, response) SFT pa
 import re
 import string
 
-from omniopd_jax import data
+from omniopd_jax.data import prompts as data
 
 WORKED_TASKS = ("chain_sum", "basic_arithmetic")
 SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>", "<unk>")  # ids 0, 1, 2, 3

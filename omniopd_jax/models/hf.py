@@ -1,6 +1,6 @@
 """Hugging Face interop: read and write transformers-format directories (config.json, safetensors).
 
-from omniopd_jax import hf
+from omniopd_jax.models import hf
 model, tokenizer = hf.load_pretrained("hf_dir", dtype="float32")
 logits = model(input_ids, attention_mask=attention_mask)  # [B, T, V] float32
 hf.save_pretrained(model, tokenizer, "out_dir")            # transformers loads it back
@@ -18,8 +18,8 @@ from flax import nnx
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from omniopd_jax import model as model_lib
 from omniopd_jax import sharding
+from omniopd_jax.models import lm as model_lib
 
 MODEL_TYPES = {
   "llama": "LlamaForCausalLM",

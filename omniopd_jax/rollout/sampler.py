@@ -15,8 +15,8 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding
 
-from omniopd_jax import model as model_lib
 from omniopd_jax import sharding
+from omniopd_jax.models import lm as model_lib
 
 # Prompt lengths and batch sizes are rounded up to one of these (then to multiples of the largest),
 # so a training run compiles a handful of programs; the padding wasted is at most a third.

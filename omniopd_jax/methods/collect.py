@@ -13,8 +13,11 @@ import time
 import jax
 import numpy as np
 
-from omniopd_jax import chunks, forks, grading, losses, reward, sampler, tasks
-from omniopd_jax import teacher_backends as tb
+from omniopd_jax.data import grading, tasks
+from omniopd_jax.methods import losses
+from omniopd_jax.reward import posterior as reward
+from omniopd_jax.rollout import chunks, forks, sampler
+from omniopd_jax.teacher import backends as tb
 
 
 @dataclasses.dataclass

@@ -1,0 +1,1 @@
+"""Task configs (`get_config(arg)` with variants), importable from an installed package."""

@@ -1,0 +1,231 @@
+"""OmniOPD on math prompts with verifiable answers.
+
+  python -m omniopd_jax.main --config=configs/math.py --workdir=/tmp/opd \
+      --config.model.student_path=/ckpt/qwen3-1.7b --config.teacher.base_url=http://127.0.0.1:8000/v1
+  python -m omniopd_jax.main --config=configs/math.py:smoke --workdir=/tmp/smoke   # CPU, seconds
+  python -m omniopd_jax.main --config=configs/math.py:demo --workdir=/tmp/demo     # CPU, ~5 min
+  python -m omniopd_jax.main --config=configs/math.py:anthropic ...   # Claude Haiku 4.5 teacher
+  python -m omniopd_jax.main --config=configs/math.py:gemini ...      # Gemini 2.5 Flash teacher
+  python -m omniopd_jax.main --config=configs/math.py:pod ...         # TPU pod / multi-node GPU
+
+Variants are branches of this one function; combine them with commas (`:smoke,method=grpo` is not
+supported: override fields with `--config.method=grpo` instead). Unknown keys are errors.
+"""
+
+import ml_collections
+
+from omniopd_jax import sharding
+from omniopd_jax.data import prompts as data
+from omniopd_jax.eval import evaluate
+
+VARIANTS = ("default", "smoke", "demo", "anthropic", "gemini", "pod")
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  variants = [v.strip() for v in (arg or "default").split(",") if v.strip()]
+  for v in variants:
+    if v not in VARIANTS:
+      raise ValueError(f"unknown config variant {v!r}: choose from {VARIANTS}")
+
+  c = ml_collections.ConfigDict()
+  c.variant = ",".join(variants)
+  c.method = "omniopd"  # omniopd | opd | grpo | sft
+  c.seed = 0  # every random choice (init, data order, sampling) derives from it
+  c.num_steps = 1000  # optimizer steps
+  c.batch_size = 64  # prompts per step, global (split over processes and the batch mesh axes)
+  c.micro_batches = 1  # gradient accumulation: the batch is split into this many slices
+  c.one_step_off = False  # overlap the teacher of step t+1 with the update of step t (off-policy)
+  c.checkpoint_every = 50  # steps between Orbax checkpoints (one is always written at the end)
+  c.keep_checkpoints = 3  # how many checkpoints to keep
+  c.eval_every = 100  # steps between held-out evaluations (0: only before and after)
+  c.log_every = 1  # steps between progress lines / metric writes
+  c.num_text_samples = 3  # (prompt, student chunk, teacher chunks, pi_hat) examples per log
+  c.max_prompt_len = 256  # prompts are left-truncated to this many tokens
+
+  c.model = ml_collections.ConfigDict()
+  c.model.student_path = ""  # HF dir of the student base (also the frozen KL anchor)
+  c.model.dtype = "float32"  # compute dtype: float32 | bfloat16
+  c.model.param_dtype = "float32"  # trained parameter dtype
+  c.model.base_dtype = "float32"  # frozen base copy; bfloat16 halves its memory
+  c.model.tokenizer_path = ""  # defaults to student_path
+  c.model.remat = (
+    False  # recompute each layer in the backward pass (fits paper scale, see tools.plan)
+  )
+
+  c.rollout = ml_collections.ConfigDict()
+  c.rollout.max_new_tokens = 1024  # response length cap (L)
+  c.rollout.temperature = 1.0  # SPEC: on-policy samples at temperature 1
+  c.rollout.top_p = 1.0
+  c.rollout.top_k = 0
+
+  c.omniopd = ml_collections.ConfigDict()
+  c.omniopd.num_forks = 10  # M: chunk audits per response
+  c.omniopd.chunk_len = 50  # C: tokens per audited chunk
+  c.omniopd.num_teacher_samples = 10  # N: teacher Monte Carlo continuations per fork
+  c.omniopd.alpha = 1.0  # Dirichlet prior strength, centred on the student's own pi_bar
+  c.omniopd.beta = 0.1  # KL(base || student) weight on unaudited tokens
+  c.omniopd.weight_form = "pi_hat"  # pi_hat | centered | group
+  c.omniopd.num_drafts = 4  # K drafts per fork for weight_form=group (own chunk included)
+  c.omniopd.use_prior = True  # False: ablation pi_hat = k / n_valid
+  c.omniopd.kl_anchor = True  # False: ablation without the KL term
+  c.omniopd.fork_method = "peak"  # peak (highest entropy) | random (ablation)
+  c.omniopd.reduction = "sequence_sum"  # sequence_sum (divided by norm_constant) | token_mean
+  c.omniopd.norm_constant = 0.0  # 0: use rollout.max_new_tokens
+
+  c.scoring = ml_collections.ConfigDict()
+  c.scoring.phi = "embedding"  # embedding | edit | rouge1 | exact (whitespace-normalised match)
+  c.scoring.embedding_backend = (
+    "flax"  # flax (our encoder, on the accelerator) | sentence_transformers
+  )
+  c.scoring.phi_floor = 0.0  # > 0: phi' = max(0, (phi - floor) / (1 - floor)) (calibration)
+  c.scoring.encoder_path = ""  # sentence-transformers dir; "" = the offline all-MiniLM-L6-v2
+
+  c.teacher = ml_collections.ConfigDict()
+  c.teacher.backend = "openai_completions"  # openai_completions | openai_chat | anthropic | gemini
+  c.teacher.base_url = "http://127.0.0.1:8000/v1"  # vLLM / SGLang / omniopd_jax.serve (with /v1)
+  c.teacher.model = "teacher"  # model name sent to the API
+  c.teacher.api_key_env = ""  # NAME of the env var holding the key (the key itself never here)
+  c.teacher.prompt_format = "text"  # text | token_ids (same-tokenizer servers only)
+  c.teacher.max_in_flight = 64  # concurrent HTTP requests
+  c.teacher.rpm = 0  # requests per minute cap (0: none)
+  c.teacher.input_tpm = 0  # input tokens per minute cap (0: none)
+  c.teacher.output_tpm = 0  # output tokens per minute cap (0: none)
+  c.teacher.max_retries = 6  # per request, transient failures only
+  c.teacher.timeout_s = 120.0  # per HTTP request
+  c.teacher.cache_dir = ""  # disk cache of continuations ("" = <workdir>/teacher_cache)
+  c.teacher.price_in_per_mtok = 0.0  # USD per million input tokens
+  c.teacher.price_out_per_mtok = 0.0  # USD per million output tokens
+  c.teacher.budget_usd = 0.0  # stop cleanly (checkpoint) when spent (0: no cap)
+  c.teacher.allow_approximate = False  # allow the "instructed" chat mode (no true prefill)
+  c.teacher.temperature = 1.0  # Monte Carlo samples
+  c.teacher.max_tokens = 0  # 0: omniopd.chunk_len (teacher tokens, its own tokenizer)
+  c.teacher.prompts_per_request = 0  # forks packed per HTTP call (0: backend default; 1: seeds
+  # then depend only on the fork, so results are identical whatever the batch layout)
+
+  c.opd = ml_collections.ConfigDict()
+  c.opd.estimator = "sampled"  # sampled (log-ratio on own tokens) | full_vocab
+  c.opd.teacher_path = ""  # HF dir of a same-tokenizer teacher (in process)
+
+  c.grpo = ml_collections.ConfigDict()
+  c.grpo.group_size = 8  # samples per prompt (batch_size counts samples)
+  c.grpo.clip_eps = 0.2
+  c.grpo.beta = 0.04  # KL anchor weight
+
+  c.sft = ml_collections.ConfigDict()
+  c.sft.source = "reference"  # reference (dataset solutions) | teacher (teacher-written)
+
+  c.optimizer = ml_collections.ConfigDict()
+  c.optimizer.learning_rate = 1e-6  # peak; on-policy methods are very learning-rate sensitive
+  c.optimizer.warmup_steps = 10
+  c.optimizer.min_lr_ratio = 0.1  # cosine decays to learning_rate * min_lr_ratio
+  c.optimizer.weight_decay = 0.0
+  c.optimizer.b1 = 0.9
+  c.optimizer.b2 = 0.95
+  c.optimizer.grad_clip = 1.0  # global-norm clipping (0: off)
+
+  c.mesh = [("data", -1), ("fsdp", 1), ("tensor", 1)]  # axis sizes; -1 takes the rest
+  c.sharding_rules = [(k, v) for k, v in sharding.DEFAULT_RULES]  # logical -> mesh axes
+
+  c.data = data.default_config()  # prompts: reasoning-gym / JSONL / Parquet / TFDS (see data.py)
+  c.data.tasks = "chain_sum"
+  c.eval = evaluate.default_config()  # held-out evaluation (see evaluate.py)
+  del c.eval["every"]  # the cadence is the top-level eval_every
+
+  # :demo only: its teacher and student base (demo_models.py). "bundled" copies the shipped pair
+  # (made by `python -m omniopd_jax.experiments.demo_models`, which trains both with the fields below).
+  c.demo = ml_collections.ConfigDict()
+  c.demo.teacher_path = "bundled"  # bundled | "" (train here with SFT) | an HF dir to copy
+  c.demo.student_path = "bundled"  # bundled | "" (train here with SFT) | an HF dir to copy
+  c.demo.teacher_examples = 8000  # worked chain-sum solutions to train on
+  c.demo.teacher_steps = 6000  # teacher SFT steps (4-layer Qwen3, d=128)
+  c.demo.student_steps = 1500  # on a smaller model (2-layer Llama, d=96): weak, not hopeless
+  c.demo.sft_batch_size = 32
+  c.demo.teacher_lr = 2e-3  # peak; cosine decay to 5%
+  c.demo.student_lr = 1e-3
+
+  c.smoke_serve_teacher = False  # smoke/demo: start our own teacher server when base_url is ""
+
+  if "smoke" in variants:
+    _smoke(c)
+  if "demo" in variants:
+    _demo(c)
+  if "anthropic" in variants:
+    c.teacher.update(
+      backend="anthropic",
+      base_url="https://api.anthropic.com/v1",
+      model="claude-haiku-4-5",
+      api_key_env="ANTHROPIC_API_KEY",
+      max_in_flight=32,
+      rpm=50,
+      price_in_per_mtok=1.0,
+      price_out_per_mtok=5.0,
+      budget_usd=50.0,
+    )
+  if "gemini" in variants:
+    c.teacher.update(
+      backend="gemini",
+      base_url="https://generativelanguage.googleapis.com/v1beta",
+      model="gemini-2.5-flash",
+      api_key_env="GEMINI_API_KEY",
+      max_in_flight=32,
+      rpm=1000,
+      price_in_per_mtok=0.30,
+      price_out_per_mtok=2.50,
+      budget_usd=50.0,
+    )
+  if "pod" in variants:
+    c.batch_size = 256
+    c.model.dtype = "bfloat16"
+    c.model.base_dtype = "bfloat16"
+    c.mesh = [("data", 1), ("fsdp", -1), ("tensor", 1)]
+  c.lock()
+  return c
+
+
+def _smoke(c):
+  """Tiny, CPU, seconds; builds its own student and teacher and serves the teacher itself."""
+  c.num_steps = 4
+  c.batch_size = 8
+  c.checkpoint_every = 2
+  c.eval_every = 0
+  c.model.student_path = ""  # built in <workdir>/models by omniopd_jax.experiments.demo_models
+  c.rollout.max_new_tokens = 32
+  c.omniopd.update(num_forks=2, chunk_len=8, num_teacher_samples=3)
+  c.scoring.phi = "edit"
+  c.teacher.base_url = ""  # "": start omniopd_jax.serve on the smoke teacher
+  c.smoke_serve_teacher = True
+  # One fork per HTTP call: each fork's samples then depend on its own seed only, so a resumed run
+  # (whose first step may be partly in the teacher cache) asks for exactly the same samples.
+  c.teacher.prompts_per_request = 1
+  c.max_prompt_len = 96
+  c.data.instruction = ""  # character-level models: keep prompts short
+  c.data.task_kwargs = {
+    "chain_sum": {"min_terms": 2, "max_terms": 3, "min_digits": 1, "max_digits": 2}
+  }
+  c.data.size = 2000
+  c.data.eval_size = 16
+  c.eval.num_examples = 16
+  c.eval.batch_size = 16
+  c.optimizer.learning_rate = 1e-4
+  c.optimizer.warmup_steps = 1
+
+
+def _demo(c):
+  """The README's first command: a real end-to-end run on the 2-core CPU in under 15 minutes."""
+  _smoke(c)
+  c.num_steps = 200  # ~5 min (60 steps showed no gain at seed 0 once scoring was fixed)
+  c.batch_size = 32
+  c.checkpoint_every = 50
+  c.eval_every = 50
+  c.max_prompt_len = 32  # "<bos>Q: 12 + 7 - 30 + 4 =\nA: " (the demo template drops boilerplate)
+  c.rollout.max_new_tokens = 64  # worked solutions of 3-4 terms are ~45 characters
+  c.omniopd.update(num_forks=3, chunk_len=8, num_teacher_samples=4, weight_form="centered")
+  c.scoring.phi = "embedding"
+  c.scoring.embedding_backend = "sentence_transformers"
+  c.data.task_kwargs = {
+    "chain_sum": {"min_terms": 3, "max_terms": 4, "min_digits": 1, "max_digits": 2}
+  }
+  c.data.eval_size = 256
+  c.eval.num_examples = 256
+  c.eval.batch_size = 128
+  c.optimizer.learning_rate = 3e-5  # on-policy updates degrade this student above ~1e-4

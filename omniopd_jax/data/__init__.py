@@ -1,0 +1,1 @@
+"""Prompts with verifiable answers: sources, chat templates, the resumable iterator, grading and the demo task."""

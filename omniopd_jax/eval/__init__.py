@@ -1,0 +1,1 @@
+"""Held-out evaluation: greedy pass@1, pass@k, maj@k."""

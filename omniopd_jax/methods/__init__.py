@@ -1,0 +1,1 @@
+"""Training methods (omniopd, opd, grpo, sft): host-side collection and pure losses."""

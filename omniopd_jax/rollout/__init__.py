@@ -1,0 +1,1 @@
+"""On-policy rollouts: the KV-cache sampler, peak-entropy forks and the chunk/prefix bookkeeping."""

@@ -1,0 +1,1 @@
+"""The training system: setup, loop, jitted update step, checkpoints and metrics."""
