@@ -118,7 +118,7 @@ def test_extract_gold_for_solution_fields(tmp_path):
     (['{"question": "a", "answer": "1"}', "{not json"], r"bad\.jsonl line 2: not valid JSON"),
     (['{"question": "a", "answer": "1"}', "[1, 2]"], r"bad\.jsonl line 2: expected a JSON object"),
     (['{"question": "a", "answer": "1"}', '{"question": "b"}'], r"line 2: missing field 'answer'"),
-    (['{"question": "a", "answer": null}'], r"line 1: missing field 'answer'"),
+    (['{"question": "a", "answer": null}'], r"line 1: null/empty answer: field 'answer' is null"),
     ([], r"bad\.jsonl: the file holds no problems"),
   ],
 )
@@ -126,6 +126,74 @@ def test_malformed_jsonl_is_a_clear_error(tmp_path, lines, match):
   cfg = data.default_config()
   cfg.update(source="jsonl", train_path=_write_jsonl(tmp_path / "bad.jsonl", lines), eval_size=0)
   with pytest.raises(ValueError, match=match):
+    data.load_examples(cfg, "train")
+
+
+# A row per way of being bad, each with the problem the error must name.
+BAD_ROWS = [
+  ({"question": None, "answer": "1"}, "null/empty question: field 'question' is null"),
+  ({"question": "", "answer": "1"}, "null/empty question: field 'question' is ''"),
+  ({"question": " \n\t", "answer": "1"}, "null/empty question"),
+  ({"question": "q", "answer": "  "}, "null/empty answer"),
+  ({"question": {"text": "q"}, "answer": "1"}, "question .field 'question'. is dict"),
+  ({"question": ["q"], "answer": "1"}, "question .field 'question'. is list"),
+  ({"question": "q", "answer": {"value": 1}}, "answer .field 'answer'. is dict"),
+  ({"question": "q", "answer": [1]}, "answer .field 'answer'. is list"),
+  ({"question": 7, "answer": "1"}, "question .field 'question'. is int 7, not a string"),
+  ({"question": "q", "answer": True}, "answer .field 'answer'. is bool"),
+  (
+    {"question": "x" * 101, "answer": "1"},
+    "question .* has 101 characters, more than data.max_chars=100",
+  ),
+  ({"answer": "1"}, "missing field 'question' .has \\['answer'\\]"),
+]
+
+
+@pytest.mark.parametrize("row, problem", BAD_ROWS)
+def test_bad_rows_are_errors_naming_file_and_line(tmp_path, row, problem):
+  good = {"question": "What is 2 + 2?", "answer": "4"}
+  path = _write_jsonl(tmp_path / "rows.jsonl", [good, good, row, good])
+  cfg = data.default_config()
+  cfg.update(source="jsonl", train_path=path, eval_size=0, max_chars=100)
+  with pytest.raises(ValueError, match=rf"rows\.jsonl line 3: {problem}.*data\.skip_bad_rows"):
+    data.load_examples(cfg, "train")
+
+
+def test_numeric_answers_are_text_and_limits_can_be_lifted(tmp_path):
+  path = _write_jsonl(tmp_path / "n.jsonl", [{"question": "q" * 500, "answer": 42}])
+  cfg = data.default_config()
+  cfg.update(source="jsonl", train_path=path, eval_size=0, max_chars=0)
+  assert data.load_examples(cfg, "train")[0]["answer"] == "42"
+  cfg.max_chars = 499
+  with pytest.raises(ValueError, match="500 characters"):
+    data.load_examples(cfg, "train")
+
+
+def test_skip_bad_rows_counts_and_warns_once(tmp_path, tok, caplog):
+  good = [{"question": f"What is {i} + {i}?", "answer": str(2 * i)} for i in range(6)]
+  bad = [row for row, _ in BAD_ROWS]
+  path = _write_jsonl(tmp_path / "mixed.jsonl", bad + good)
+  cfg = data.default_config()
+  cfg.update(source="jsonl", train_path=path, eval_size=2, max_chars=100, skip_bad_rows=True)
+  with caplog.at_level("WARNING"):
+    train = data.load_examples(cfg, "train")
+  assert [e["question"] for e in train] == [g["question"] for g in good[:4]]
+  warnings = [r.getMessage() for r in caplog.records if "skipped" in r.getMessage()]
+  assert len(warnings) == 1 and f"skipped {len(bad)} bad rows of {len(bad) + 6}" in warnings[0]
+  assert "mixed.jsonl line 1: null/empty question" in warnings[0]
+  it = data.make_prompt_iterator(cfg, tok, batch_size=2, seed=0, process_index=0, process_count=1)
+  assert it.num_skipped_rows == len(bad) and it.get_state()["num_problems"] == 4
+  _write_jsonl(tmp_path / "mixed.jsonl", bad)
+  with pytest.raises(ValueError, match=r"no usable problems \(12 bad rows; the first: .*line 1"):
+    data.load_examples(cfg, "train")
+
+
+def test_generated_rows_are_checked_by_row_index():
+  cfg = _rg_config(max_chars=12)  # every chain_sum question is longer than 12 characters
+  with pytest.raises(ValueError, match=r"reasoning-gym chain_sum \(seed 0\) row 0: question"):
+    data.load_examples(cfg, "train")
+  cfg.skip_bad_rows = True
+  with pytest.raises(ValueError, match=r"no usable problems \(40 bad rows"):
     data.load_examples(cfg, "train")
 
 
@@ -145,7 +213,8 @@ def test_unreadable_files_are_clear_errors(tmp_path):
   pq.write_table(
     pa.Table.from_pylist([{"question": "a", "answer": "1"}, {"question": "b"}]), cfg.train_path
   )
-  with pytest.raises(ValueError, match=r"rows\.parquet row 1: missing field 'answer'"):
+  # Parquet stores a row without the column as null.
+  with pytest.raises(ValueError, match=r"rows\.parquet row 1: null/empty answer"):
     data.load_examples(cfg, "train")
   (tmp_path / "latin1.jsonl").write_bytes(b'{"question": "caf\xe9", "answer": "1"}\n')
   cfg.update(source="jsonl", train_path=str(tmp_path / "latin1.jsonl"))
@@ -289,3 +358,22 @@ def test_iterator_argument_errors_and_jax_default(tok):
     data.make_prompt_iterator(cfg, tok, batch_size=1, seed=0, process_index=2, process_count=2)
   it = data.make_prompt_iterator(cfg, tok, batch_size=2, seed=0)  # one JAX process here
   assert it.get_state()["process_count"] == 1
+
+
+def test_truncated_prompts_are_counted_and_warned_about_once(tok, caplog):
+  cfg = _rg_config(size=12, shuffle=False)
+  full = [data.render_prompt(tok, e["question"], cfg)[0] for e in data.load_examples(cfg, "train")]
+  limit = sorted(len(ids) for ids in full)[len(full) // 2]  # about half the prompts are longer
+  kwargs = dict(batch_size=4, seed=0, process_index=0, process_count=1)
+  it = data.make_prompt_iterator(cfg, tok, max_prompt_len=limit, **kwargs)
+  with caplog.at_level("WARNING"):
+    batches = _take(it, 3)
+  for b, batch in enumerate(batches):
+    expected = full[4 * b : 4 * b + 4]
+    assert batch["prompt_ids"] == [ids[-limit:] for ids in expected]  # the end is kept
+    assert batch["num_truncated"] == sum(len(ids) > limit for ids in expected)
+  assert it.num_truncated_total == sum(len(ids) > limit for ids in full) > 0
+  warnings = [r.getMessage() for r in caplog.records if "max_prompt_len" in r.getMessage()]
+  assert len(warnings) == 1 and f"max_prompt_len={limit}" in warnings[0]
+  untouched = data.make_prompt_iterator(cfg, tok, **kwargs)  # max_prompt_len=0: no cut
+  assert next(untouched)["prompt_ids"] == full[:4] and untouched.num_truncated_total == 0
