@@ -14,6 +14,8 @@ import os
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from omniopd_jax.configs import validate
+
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(
   "config", None, "Config file, e.g. configs/math.py:smoke.", lock_config=True
@@ -41,6 +43,7 @@ def maybe_initialize_distributed():
 
 def main(argv):
   del argv
+  validate.validate_or_exit(FLAGS.config)  # before any device, model or teacher work
   logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
   maybe_initialize_distributed()
   import jax
