@@ -193,3 +193,44 @@ def test_smollm2_chat_prompts_match_transformers(smollm2_dir):
   assert np.abs(ours - ref)[mask].max() < 5e-4  # |logits| up to ~40: fp32 summation order
   assert np.abs(ours - ref)[:, -1].max() < 1e-4  # the next-token distribution itself
   assert (ours[:, -1].argmax(-1) == ref[:, -1].argmax(-1)).all()
+
+
+def test_saved_directory_is_complete_and_readable(tmp_path):
+  """generation_config.json, 0644 files and a real model_max_length: what transformers' pipeline
+  and vLLM read from an exported directory."""
+  from omniopd_jax.data import tasks
+
+  tokenizer = tasks.make_char_tokenizer()
+  assert tokenizer.model_max_length > 1e29  # transformers' "no limit" placeholder
+  config = transformers.LlamaConfig(
+    vocab_size=len(tokenizer), hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+    num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=96,
+  )  # fmt: skip
+  transformers.LlamaForCausalLM(config).save_pretrained(tmp_path / "src")
+  model, _ = hf.load_pretrained(str(tmp_path / "src"))
+  old_umask = os.umask(0o022)
+  try:
+    out = hf.save_pretrained(
+      model,
+      tokenizer,
+      str(tmp_path / "out"),
+      generation_config={"do_sample": True, "temperature": 0.7, "top_k": 5},
+    )
+  finally:
+    os.umask(old_umask)
+  names = sorted(os.listdir(out))
+  assert {"config.json", "generation_config.json", "model.safetensors"} <= set(names)
+  assert {"tokenizer.json", "tokenizer_config.json"} <= set(names)
+  for name in names:
+    assert os.stat(os.path.join(out, name)).st_mode & 0o777 == 0o644, name
+  with open(os.path.join(out, "tokenizer_config.json")) as f:
+    assert json.load(f)["model_max_length"] == 96
+  assert transformers.AutoTokenizer.from_pretrained(out).model_max_length == 96
+  generation = transformers.GenerationConfig.from_pretrained(out)
+  assert (generation.bos_token_id, generation.eos_token_id) == (1, 2)
+  assert generation.pad_token_id == 0
+  assert (generation.do_sample, generation.temperature, generation.top_k) == (True, 0.7, 5)
+  # transformers' pipeline reads the whole directory and generates with it.
+  pipe = transformers.pipeline("text-generation", model=out, device="cpu")
+  text = pipe("1 + 2 =", max_new_tokens=4, do_sample=False)[0]["generated_text"]
+  assert text.startswith("1 + 2 =")

@@ -247,8 +247,19 @@ def load_pretrained(
   return load_model(path, dtype, param_dtype, mesh, rules), load_tokenizer(path)
 
 
-def save_pretrained(model: model_lib.CausalLM, tokenizer, out_dir: str, dtype: str | None = None):
-  """Write `model` (and `tokenizer`, if given) as a directory transformers and vLLM load."""
+def save_pretrained(
+  model: model_lib.CausalLM,
+  tokenizer,
+  out_dir: str,
+  dtype: str | None = None,
+  generation_config: dict[str, Any] | None = None,
+):
+  """Write `model` (and `tokenizer`, if given) as a directory transformers and vLLM load.
+
+  The directory is complete: model.safetensors, config.json, generation_config.json (token ids,
+  plus `generation_config`, e.g. the source model's own), the tokenizer files with a real
+  `model_max_length`; every file readable by all (0644).
+  """
   cfg = model.config
   os.makedirs(out_dir, exist_ok=True)
   flat = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
@@ -261,6 +272,7 @@ def save_pretrained(model: model_lib.CausalLM, tokenizer, out_dir: str, dtype: s
   # Write to a temporary name first so a crash never leaves a truncated model.safetensors.
   tmp = os.path.join(out_dir, "model.safetensors.tmp")
   save_file(tensors, tmp, metadata={"format": "pt"})
+  os.chmod(tmp, 0o644)  # safetensors creates its file 0600: others could not read the weights
   os.replace(tmp, os.path.join(out_dir, "model.safetensors"))
   base = json.loads(getattr(model, "hf_config_json", None) or "{}")
   hf_config = config_to_hf(cfg, base)
@@ -271,9 +283,39 @@ def save_pretrained(model: model_lib.CausalLM, tokenizer, out_dir: str, dtype: s
   if tokenizer is not None:
     for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
       value = getattr(tokenizer, key, None)
-      if value is not None and key not in hf_config:
+      if value is not None and hf_config.get(key) is None:
         hf_config[key] = value
     tokenizer.save_pretrained(out_dir)
+    _set_model_max_length(out_dir, cfg.max_position_embeddings)
   with open(os.path.join(out_dir, "config.json"), "w") as f:
     json.dump(hf_config, f, indent=2, sort_keys=True)
+  _write_generation_config(out_dir, hf_config, generation_config or {})
   return out_dir
+
+
+def _set_model_max_length(out_dir: str, max_positions: int):
+  """A tokenizer without a length limit saves transformers' placeholder 1e30: write the model's
+  context length instead, so servers (vLLM) and pipelines truncate where the model does."""
+  path = os.path.join(out_dir, "tokenizer_config.json")
+  if not os.path.exists(path):
+    return
+  with open(path) as f:
+    tok_config = json.load(f)
+  current = tok_config.get("model_max_length")
+  if isinstance(current, (int, float)) and 0 < current <= max_positions:
+    return  # a real, tighter limit set on purpose
+  tok_config["model_max_length"] = int(max_positions)
+  with open(path, "w") as f:
+    json.dump(tok_config, f, indent=2, ensure_ascii=False)
+
+
+def _write_generation_config(out_dir: str, hf_config: dict[str, Any], given: dict[str, Any]):
+  """generation_config.json: the model's special token ids, then the given settings on top
+  (written as they are: a source model's own file is passed through, not re-validated)."""
+  import transformers
+
+  names = ("bos_token_id", "eos_token_id", "pad_token_id")
+  ids = {k: hf_config[k] for k in names if hf_config.get(k) is not None}
+  settings = {**ids, **given, "transformers_version": transformers.__version__}
+  with open(os.path.join(out_dir, "generation_config.json"), "w") as f:
+    json.dump(settings, f, indent=2, sort_keys=True)

@@ -1,5 +1,6 @@
-"""Write the latest student of a training workdir as an HF directory (model + tokenizer) that
-transformers and vLLM load.
+"""Write the latest student of a training workdir as an HF directory that transformers and vLLM
+load: model.safetensors, config.json, generation_config.json (the base's, if it had one) and the
+tokenizer files, all mode 0644.
 
     python -m omniopd_jax.tools.export --workdir DIR --out HF_DIR [--step N] [--dtype bfloat16]
 """
@@ -47,8 +48,19 @@ def export(workdir: str, out: str, step: int | None = None, dtype: str | None = 
   finally:
     ckpt.close()
   model = nnx.merge(graphdef, state.params)
-  hf.save_pretrained(model, tokenizer, out, dtype=dtype)
+  hf.save_pretrained(
+    model, tokenizer, out, dtype=dtype, generation_config=_generation_config(student_dir)
+  )
   return int(state.step)
+
+
+def _generation_config(model_dir: str) -> dict:
+  """The student base's own generation settings (sampling defaults, stop ids), if it has any."""
+  path = os.path.join(model_dir, "generation_config.json")
+  if not os.path.exists(path):
+    return {}
+  with open(path) as f:
+    return json.load(f)
 
 
 def main(argv):
