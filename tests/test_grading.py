@@ -66,6 +66,19 @@ def test_grade_unparseable_gold_is_a_clear_error():
     grading.grade("Answer: 1", _ex("\\\\", "math"))
 
 
+@pytest.mark.parametrize("gold", ["", "  ", None, {"value": 6}, [6], True])
+@pytest.mark.parametrize("task", ["chain_sum", "math"])
+def test_grade_refuses_an_unusable_gold_answer(gold, task):
+  # An empty gold used to reach the scorer; a wrong response must never be graded against it.
+  with pytest.raises(ValueError, match="no usable gold answer"):
+    grading.grade("Answer: 6", _ex(gold, task))
+
+
+def test_grade_takes_numeric_gold():
+  assert grading.grade("Answer: 6", _ex(6, "chain_sum")) == 1.0
+  assert grading.grade("Answer: 0.5", _ex(0.5, "math")) == 1.0
+
+
 def test_grade_in_threads():
   """math-verify's signal-based timeouts fail outside the main thread; ours are off."""
   cases = [("Answer: 0.5", _ex("\\frac{1}{2}", "math"), 1.0), ("Answer: 3", _ex("4", "math"), 0.0)]

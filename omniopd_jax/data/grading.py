@@ -127,7 +127,13 @@ def grade(response_text: str, example: dict[str, Any]) -> float:
   are scored by the task's own `score_answer` on the extracted answer (partial credit counts as
   wrong); all other tasks by math-verify against the gold answer.
   """
-  gold = str(example["answer"])
+  gold = example.get("answer")
+  if not isinstance(gold, (str, int, float)) or isinstance(gold, bool) or not str(gold).strip():
+    raise ValueError(
+      f"example {str(example.get('question', ''))[:60]!r} has no usable gold answer ({gold!r}); "
+      "examples from data.load_examples are checked when loaded"
+    )
+  gold = str(gold)
   predicted = extract_answer(response_text)
   task = str(example.get("task", ""))
   if is_reasoning_gym_task(task):

@@ -28,7 +28,6 @@ PROGRESS_KEYS = (
   ("train/kl", "kl", "{:.4f}"),
   ("omniopd/pi_hat_mean", "pi_hat", "{:.3f}"),
   ("eval/pass@1", "pass@1", "{:.3f}"),
-  ("data/truncated_prompts", "cut", "{:.0f}"),
   ("time/teacher_wait_s", "teacher", "{:.2f}s"),
   ("time/step_s", "step", "{:.2f}s"),
   ("teacher/cost_usd", "$", "{:.4f}"),
