@@ -243,6 +243,9 @@ def test_local_array_record_tfds_builder(tmp_path):
   cfg.question_field = "prompt"
   with pytest.raises(ValueError, match="no feature 'prompt'"):
     data.load_examples(cfg, "train")
+  bad = _write_jsonl(tmp_path / "bad.jsonl", [*_problems(2), {"problem": None, "solution": "1"}])
+  with pytest.raises(ValueError, match=r"bad\.jsonl line 3: null/empty question"):
+    data.prepare_local_tfds({"train": bad}, str(tmp_path / "bad_tfds"), ("problem", "solution"))
 
 
 def test_gsm8k_reads_prepared_files_and_explains_when_absent(tmp_path):
