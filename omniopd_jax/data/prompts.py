@@ -1,9 +1,12 @@
-"""Prompt data: reasoning-gym, local JSONL/Parquet and TFDS sources, chat-template rendering, and a
-per-process, shuffled, checkpointable grain iterator of prompt batches.
+"""Prompt data: the data config, chat-template rendering, and a per-process, shuffled,
+checkpointable grain iterator of prompt batches. Sources (reasoning-gym, JSONL/Parquet, TFDS) live
+in sources.py and tfds_source.py, row checks in rows.py; their public names are importable here.
 
-  it = data.make_prompt_iterator(config.data, tokenizer, batch_size=8, seed=0)
-  batch = next(it)  # {"prompt_ids": [[...]] * 8, "prompt_text": [...], "examples": [...]}
+  it = data.make_prompt_iterator(config.data, tokenizer, batch_size=8, seed=0, max_prompt_len=256)
+  batch = next(it)  # {"prompt_ids": [[...]] * 8, "prompt_text": [...], "examples": [...],
+                    #  "num_truncated": 0}  (prompts cut to their last 256 tokens)
   state = it.get_state()  # JSON; it.set_state(state) resumes with identical batches
+  it.num_skipped_rows  # bad rows left out (data.skip_bad_rows=True); else a bad row is an error
 """
 
 import logging
@@ -15,7 +18,7 @@ from omniopd_jax.data import sources
 from omniopd_jax.data.sources import SOURCES, SPLITS, Example, load_examples, source
 from omniopd_jax.data.tfds_source import LOCAL_TFDS_NAME, prepare_gsm8k, prepare_local_tfds
 
-__all__ = [  # sources.py and tfds_source.py hold the sources; their public names are read here
+__all__ = [
   "LOCAL_TFDS_NAME",
   "SOURCES",
   "SPLITS",
