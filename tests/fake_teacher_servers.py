@@ -60,6 +60,7 @@ class FakeTeacher:
     slow_s: float = 0.05,
     retry_after_ms: int = 10,
     log_size: int = 10000,
+    echo_key: bool = False,
   ):
     self.fault_rate, self.faults, self.seed = fault_rate, faults, seed
     self.api_key, self.hang_s, self.slow_s, self.retry_after_ms = (
@@ -69,6 +70,7 @@ class FakeTeacher:
       retry_after_ms,
     )
     self.log: collections.deque = collections.deque(maxlen=log_size)  # bounded
+    self.echo_key = echo_key  # error bodies quote the credentials received, as careless gateways do
     self.billed = {"tokens_in": 0, "tokens_out": 0, "ok": 0}
     self.attempts: dict[bytes, int] = {}
     self.counter = 0
@@ -97,6 +99,16 @@ class FakeTeacher:
     return None
 
   def _wrap(self, handler):
+    async def echoing(request: web.Request):
+      resp = await wrapped(request)
+      if not self.echo_key or resp.status < 400 or not isinstance(resp, web.Response):
+        return resp
+      body = json.loads(resp.body)
+      error = body["error"] if isinstance(body.get("error"), dict) else body
+      creds = {k: request.headers.get(k) for k in ("Authorization", "x-api-key", "x-goog-api-key")}
+      error["message"] = f"{error.get('message')}; you sent {creds}"
+      return _json(body, resp.status, {k: v for k, v in resp.headers.items() if "etry" in k})
+
     async def wrapped(request: web.Request):
       raw = await request.read()
       fault = self._fault_for(raw)
@@ -152,7 +164,7 @@ class FakeTeacher:
         return resp
       return _json(payload)
 
-    return wrapped
+    return echoing
 
   async def _fault(self, request: web.Request, fault: str):
     err = lambda t, m: {"type": "error", "error": {"type": t, "message": m}}

@@ -18,13 +18,17 @@ from typing import Any
 import numpy as np
 
 from omniopd_jax.teacher import backends as tb
-from omniopd_jax.teacher import dispatch
+from omniopd_jax.teacher import dispatch, secrets
 from omniopd_jax.teacher.wire import INSTRUCTED, Sample, TeacherRequest
 
 __all__ = ["DEFAULTS", "Sample", "TeacherCapabilityError", "TeacherClient", "TeacherError",
            "TeacherRequest"]  # fmt: skip
 
 log = logging.getLogger(__name__)
+# The loggers of the client's modules: their records are scrubbed of the client's secrets.
+LOGGERS = tuple(
+  f"omniopd_jax.teacher.{m}" for m in ("client", "dispatch", "pacing", "cache", "budget")
+)
 
 # Config fields from_config understands, with defaults (everything else is a typo: error).
 DEFAULTS: dict[str, Any] = {
@@ -96,6 +100,7 @@ class TeacherClient:
     self._closed = self._stopped = False
     self._loop = asyncio.new_event_loop()
     self._pool = dispatch.WorkerPool(backend, o, self._loop)
+    secrets.install(self._pool.redactor, LOGGERS)
     self._thread = threading.Thread(
       target=self._loop.run_forever, name="teacher-client", daemon=True
     )
@@ -256,6 +261,7 @@ class TeacherClient:
       self._loop.call_soon_threadsafe(self._loop.stop)
       self._thread.join(timeout)
       self._pool.close_writer()
+      secrets.uninstall(self._pool.redactor)
       if getattr(self, "_owns_backend", False) and hasattr(self.backend, "close"):
         self.backend.close()
 

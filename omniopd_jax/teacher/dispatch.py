@@ -15,7 +15,7 @@ from typing import Any
 import aiohttp
 import numpy as np
 
-from omniopd_jax.teacher import futures
+from omniopd_jax.teacher import futures, secrets
 from omniopd_jax.teacher.apis.base import Backend
 from omniopd_jax.teacher.budget import Budget
 from omniopd_jax.teacher.cache import DiskCache
@@ -80,6 +80,8 @@ class WorkerPool:
     if o["cache_dir"]:
       self.cache = DiskCache(o["cache_dir"], f"{backend.name}|{backend.model}|{backend.mode}")
     self._send = getattr(backend, "send", None)
+    # Scrubs the key from everything handed out: gateways echo it in error bodies.
+    self.redactor = secrets.Redactor(backend.secret_values())
     self.stats = Stats()
     self.totals = {"cost_usd": 0.0, "tokens_in": 0, "tokens_out": 0, "requests": 0, "samples": 0}
     self.halt: str | None = None
@@ -186,6 +188,8 @@ class WorkerPool:
   def _fill(self, job: Job, index: int, sample: Sample) -> None:
     if job.samples[index] is not None:
       return  # first answer wins: a sample is never delivered (or billed) twice
+    if self.redactor:
+      sample = self.redactor.scrub_sample(sample)
     job.samples[index] = sample
     job.remaining -= 1
     if sample.ok:
@@ -197,6 +201,8 @@ class WorkerPool:
       futures.resolve(job.future, job.samples)
 
   def _finish(self, flight: HttpCall, samples: list[Sample], verdict) -> None:
+    if self.redactor:  # before the cache and the probe see them
+      samples = [s if s is None else self.redactor.scrub_sample(s) for s in samples]
     if flight.waiter is not None:  # the probe
       if not flight.waiter.done():
         flight.waiter.set_result((samples, verdict))
@@ -245,6 +251,8 @@ class WorkerPool:
     finally:
       if self.budget.capped:
         await self.budget.release(cost)
+    if self.redactor:
+      verdict.reason = self.redactor.scrub(verdict.reason)
     if samples is not None:
       if flight.attempt < self.max_retries and flight.jobs is not None:
         if any(s.error is not None for s in samples):

@@ -20,6 +20,7 @@ class Anthropic(Backend):
 
   name = "anthropic"
   config_fields = ("anthropic_version",)
+  public_headers = ("anthropic-version",)
   default_base_url = "https://api.anthropic.com/v1"
 
   def __init__(self, *args, anthropic_version: str = "2023-06-01", **kwargs):

@@ -32,6 +32,7 @@ class Backend:
   name = ""
   default_base_url = ""
   config_fields: tuple[str, ...] = ()  # backend-specific teacher config fields its __init__ takes
+  public_headers: tuple[str, ...] = ()  # auth_headers() entries that are not credentials
 
   def __init__(
     self,
@@ -76,6 +77,11 @@ class Backend:
 
   def auth_headers(self) -> dict[str, str]:
     return {"Authorization": f"Bearer {self._api_key}"} if self._api_key else {}
+
+  def secret_values(self) -> list[str]:
+    """The key and every credential header value: never to appear in an error, log or metric."""
+    headers = self.auth_headers()
+    return [self._api_key or ""] + [v for k, v in headers.items() if k not in self.public_headers]
 
   def set_samples_per_request(self, value: int) -> None:
     self.caps = dataclasses.replace(self.caps, samples_per_request=int(value))
