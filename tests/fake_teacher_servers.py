@@ -61,6 +61,7 @@ class FakeTeacher:
     retry_after_ms: int = 10,
     log_size: int = 10000,
     echo_key: bool = False,
+    bill_worst_case: bool = False,
   ):
     self.fault_rate, self.faults, self.seed = fault_rate, faults, seed
     self.api_key, self.hang_s, self.slow_s, self.retry_after_ms = (
@@ -70,6 +71,8 @@ class FakeTeacher:
       retry_after_ms,
     )
     self.log: collections.deque = collections.deque(maxlen=log_size)  # bounded
+    # completions usage at the most a client may assume: a token per prompt byte, max_tokens out
+    self.bill_worst_case = bill_worst_case
     self.echo_key = echo_key  # error bodies quote the credentials received, as careless gateways do
     self.billed = {"tokens_in": 0, "tokens_out": 0, "ok": 0}
     self.attempts: dict[bytes, int] = {}
@@ -221,6 +224,9 @@ class FakeTeacher:
         choices.append(choice)
         t_out += k
     t_in = sum(len(p) if isinstance(p, list) else len(p) // 4 + 1 for p in prompts)
+    if self.bill_worst_case:
+      t_in = sum(len(p) if isinstance(p, list) else len(p.encode()) for p in prompts)
+      t_out = max_tokens * len(choices)
     random.Random(self.counter).shuffle(choices)  # order is not part of the contract: index is
     usage = {"prompt_tokens": t_in, "completion_tokens": t_out, "total_tokens": t_in + t_out}
     return (

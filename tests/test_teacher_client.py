@@ -162,7 +162,7 @@ def test_spend_limit_halts(server):
 
 
 def test_budget_cap_stops_cleanly(server, teacher):
-  # Each call: ~3 input tokens and max 8 output tokens reserved at $0.1/token.
+  # Each call reserves its worst case at $0.1/token (~14 input tokens, max 8 output tokens).
   price = dict(price_in_per_mtok=1e5, price_out_per_mtok=1e5, budget_usd=5.0)
   with client_for(server, prompts_per_request=1, max_in_flight=4, **price) as client:
     results = client.generate(forks(20, 1), timeout=10)
@@ -174,6 +174,37 @@ def test_budget_cap_stops_cleanly(server, teacher):
     0.1 * (teacher.billed["tokens_in"] + teacher.billed["tokens_out"])
   )
   assert all("budget cap" in s.error for r in results for s in r if not s.ok)
+
+
+def test_budget_is_a_hard_cap_when_the_api_bills_the_worst_case():
+  # $0.1 a token; each prompt ~200 characters, billed one token a byte, and max_tokens out.
+  teacher = fts.FakeTeacher(bill_worst_case=True)
+  prompts = [
+    tc.TeacherRequest(key=f"f{i}", prefix_text=f"{i} " + "x" * (150 + 10 * i)) for i in range(30)
+  ]
+  price = dict(price_in_per_mtok=1e5, price_out_per_mtok=1e5, budget_usd=200.0)
+  with fts.ServerThread(teacher) as srv:
+    with client_for(srv, prompts_per_request=1, max_in_flight=8, **price) as client:
+      results = client.generate(prompts, timeout=30)
+      spent = client.state_dict()["cost_usd"]
+      assert client.budget_exhausted
+  ok = sum(s.ok for r in results for s in r)
+  billed = 0.1 * (teacher.billed["tokens_in"] + teacher.billed["tokens_out"])
+  assert 0 < ok < 30 and spent == pytest.approx(billed) and spent <= 200.0
+
+
+def test_the_probe_is_budgeted_and_counted(server, teacher):
+  price = dict(price_in_per_mtok=1e5, price_out_per_mtok=1e5, budget_usd=50.0)
+  with client_for(server, **price) as client:
+    client.load_state_dict({"cost_usd": 50.0})  # a resumed run whose budget is spent
+    with pytest.raises(tc.TeacherError, match="budget"):
+      client.probe(timeout=10)
+  assert len(teacher.log) == 0  # checked before anything was sent
+  with client_for(server, **price) as client:
+    client.probe(timeout=10)
+    probe_cost = client.state_dict()["cost_usd"]
+    client.load_state_dict({"cost_usd": 10.0})  # the checkpoint's spend, loaded after the probe
+    assert probe_cost > 0 and client.state_dict()["cost_usd"] == pytest.approx(10.0 + probe_cost)
 
 
 def test_disk_cache_per_sample_and_reruns_free(server, teacher, tmp_path):

@@ -84,6 +84,7 @@ class WorkerPool:
     self.redactor = secrets.Redactor(backend.secret_values())
     self.stats = Stats()
     self.totals = {"cost_usd": 0.0, "tokens_in": 0, "tokens_out": 0, "requests": 0, "samples": 0}
+    self._loaded = dict.fromkeys(self.totals, 0)  # the part of `totals` a checkpoint brought
     self.halt: str | None = None
     self.pending: set[Job] = set()
     self._tasks: set[asyncio.Task] = set()
@@ -242,7 +243,8 @@ class WorkerPool:
     await self.gate.wait(self.loop)  # a shared pause after 429s
     cost = 0.0
     if self.budget.capped:
-      cost = flight.est_tokens_in * self.price_in + flight.max_tokens_out * self.price_out
+      # The worst case, so that the settled spend can never pass the cap.
+      cost = flight.max_tokens_in * self.price_in + flight.max_tokens_out * self.price_out
       if not await self.budget.reserve(cost, lambda: self.halt is not None):
         self.halt = self.halt or self.budget.exhausted_reason()
         return self._finish(flight, self._failed(flight, self.halt), flight.verdict)
@@ -397,9 +399,13 @@ class WorkerPool:
     return dict(self.totals)
 
   async def load_totals(self, state) -> None:
-    for k in self.totals:
+    """Totals from a checkpoint, plus what this process spent before (the probe, say): a resumed
+    run's budget sees both, whichever of probe and load came first."""
+    for k, total in self.totals.items():
+      own = total - self._loaded[k]
       if k in state:
-        self.totals[k] = type(self.totals[k])(state[k])
+        self._loaded[k] = type(total)(state[k])
+      self.totals[k] = self._loaded[k] + own
     self.budget.spent_usd = self.totals["cost_usd"]
 
   async def shutdown(self) -> None:

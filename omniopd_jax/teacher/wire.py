@@ -91,8 +91,9 @@ class HttpCall:
   data: bytes  # the payload as sent
   slots: list[tuple[int, int]]
   n: int  # samples per prompt
-  est_tokens_in: int  # for input-token pacing and the budget check
+  est_tokens_in: int  # a typical count, for input-token pacing (reconciled from usage)
   max_tokens_out: int  # upper bound on billed output tokens
+  max_tokens_in: int  # upper bound on billed input tokens (the budget reserves it)
   mode: str
   context: tuple = ()  # per-prompt data parse() needs (stripped whitespace, prefix text)
   jobs: Any = None  # the client's per-request records that `slots` point into
@@ -124,8 +125,25 @@ class MalformedResponse(ValueError):
 
 
 def estimate_tokens(text: str | None) -> int:
-  """Rough token count (4 characters a token) for pacing and budget reservations."""
+  """Rough token count (4 characters a token) for pacing; never for the budget."""
   return 0 if not text else len(text) // 4 + 1
+
+
+def max_input_tokens(payload, prompts: int, template_tokens: int) -> int:
+  """An upper bound on the input tokens of a text call: one token per UTF-8 byte of every string
+  in the payload (a byte-level BPE token holds at least one byte; the strings hold all the text
+  sent) plus `template_tokens` per prompt for what the server adds (BOS, chat roles, markers)."""
+  return _string_bytes(payload) + prompts * template_tokens
+
+
+def _string_bytes(value) -> int:
+  if isinstance(value, str):
+    return len(value.encode("utf-8"))
+  if isinstance(value, dict):
+    return sum(_string_bytes(v) for v in value.values())
+  if isinstance(value, (list, tuple)):
+    return sum(_string_bytes(v) for v in value)
+  return 0
 
 
 def split_evenly(total: int, parts: int) -> list[int]:

@@ -33,6 +33,7 @@ class Backend:
   default_base_url = ""
   config_fields: tuple[str, ...] = ()  # backend-specific teacher config fields its __init__ takes
   public_headers: tuple[str, ...] = ()  # auth_headers() entries that are not credentials
+  template_tokens = 64  # most tokens a server adds around one prompt (chat roles, BOS, system)
 
   def __init__(
     self,
@@ -170,9 +171,12 @@ class Backend:
     if self.extra_body:
       payload.update(self.extra_body)
     data = _encode_json(payload).encode()
-    return HttpCall(
-      path, payload, data, slots, n, est_in, req0.max_tokens * len(slots), self.mode, context
-    )
+    if req0.prefix_token_ids is not None:  # exact: the ids are the prompt
+      max_in = sum(len(r.prefix_token_ids) for r in reqs)
+    else:
+      max_in = wire.max_input_tokens(payload, len(reqs), self.template_tokens)
+    max_out = req0.max_tokens * len(slots)
+    return HttpCall(path, payload, data, slots, n, est_in, max_out, max_in, self.mode, context)
 
   def build(self, reqs: list[TeacherRequest], n: int, seed: int | None) -> tuple[dict, str, tuple]:
     """Returns (payload, URL path, per-prompt context) for one call."""

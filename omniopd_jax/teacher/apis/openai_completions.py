@@ -20,6 +20,7 @@ class OpenAICompletions(Backend):
 
   name = "openai_completions"
   default_base_url = "http://127.0.0.1:8000/v1"
+  template_tokens = 8  # a text prompt gets at most a BOS or so
 
   def default_mode(self) -> str:
     return "raw"
