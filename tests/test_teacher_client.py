@@ -197,7 +197,7 @@ def test_the_probe_is_budgeted_and_counted(server, teacher):
   price = dict(price_in_per_mtok=1e5, price_out_per_mtok=1e5, budget_usd=50.0)
   with client_for(server, **price) as client:
     client.load_state_dict({"cost_usd": 50.0})  # a resumed run whose budget is spent
-    with pytest.raises(tc.TeacherError, match="budget"):
+    with pytest.raises(tc.TeacherHalted, match="budget"):
       client.probe(timeout=10)
   assert len(teacher.log) == 0  # checked before anything was sent
   with client_for(server, **price) as client:

@@ -19,10 +19,11 @@ import numpy as np
 
 from omniopd_jax.teacher import backends as tb
 from omniopd_jax.teacher import dispatch, secrets
+from omniopd_jax.teacher.errors import TeacherCapabilityError, TeacherError, TeacherHalted
 from omniopd_jax.teacher.wire import INSTRUCTED, Sample, TeacherRequest
 
 __all__ = ["DEFAULTS", "Sample", "TeacherCapabilityError", "TeacherClient", "TeacherError",
-           "TeacherRequest"]  # fmt: skip
+           "TeacherHalted", "TeacherRequest"]  # fmt: skip
 
 log = logging.getLogger(__name__)
 # The loggers of the client's modules: their records are scrubbed of the client's secrets.
@@ -60,20 +61,12 @@ DEFAULTS: dict[str, Any] = {
   "backoff_base_s": 0.5,  # full jitter: sleep U(0, min(cap, base * 2**attempt))
   "backoff_cap_s": 30.0,
   "max_retry_wait_s": 120.0,  # cap on a server's Retry-After
+  "halt_after_failed_calls": 8,  # halt ("unreachable") after this many calls in a row gave up
   "storm_threshold": 8,  # this many 429/529 within storm_window_s pause all traffic
   "storm_window_s": 2.0,
   "storm_pause_s": 2.0,  # first pause; doubles per consecutive storm up to backoff_cap_s
   "rate_burst_s": 10.0,  # token buckets hold this many seconds of rate
 }
-
-
-class TeacherError(RuntimeError):
-  """The teacher cannot be used as configured (auth, unknown model, unusable probe answer)."""
-
-
-class TeacherCapabilityError(TeacherError):
-  """The teacher refuses something the method needs (prefill, temperature) or an approximate
-  mode was found while the config does not allow it."""
 
 
 BACKEND_FIELDS = ("chat_mode", "anthropic_version", "thinking_budget", "model_path")
@@ -184,6 +177,18 @@ class TeacherClient:
     return self._pool.halt
 
   @property
+  def halt_error(self) -> TeacherHalted | None:
+    """The TeacherHalted naming why the client stopped sending, or None while it runs."""
+    return self._pool.halt_error
+
+  def raise_if_halted(self) -> None:
+    """Raises TeacherHalted once the client halted (auth, spend limit, budget, unreachable...):
+    the train loop calls it after each step's teacher wait, so the run stops instead of training
+    on failures."""
+    if self._pool.halt_error is not None:
+      raise self._pool.halt_error
+
+  @property
   def budget_exhausted(self) -> bool:
     halt = self._pool.halt
     return halt is not None and halt.startswith("budget")
@@ -222,6 +227,7 @@ class TeacherClient:
           b.set_chat_mode(INSTRUCTED)
           continue
       reason = samples[0].error
+      self.raise_if_halted()  # budget spent, key refused, spend limit...: TeacherHalted
       if verdict is not None and verdict.capability:
         raise TeacherCapabilityError(reason)
       raise TeacherError(f"teacher probe failed: {reason}")

@@ -19,6 +19,7 @@ from omniopd_jax.teacher import futures, secrets
 from omniopd_jax.teacher.apis.base import Backend
 from omniopd_jax.teacher.budget import Budget
 from omniopd_jax.teacher.cache import DiskCache
+from omniopd_jax.teacher.errors import TeacherHalted, halt_kind
 from omniopd_jax.teacher.pacing import Backoff, RateLimitGate, RateLimits
 from omniopd_jax.teacher.wire import (
   MISSING,
@@ -85,7 +86,10 @@ class WorkerPool:
     self.stats = Stats()
     self.totals = {"cost_usd": 0.0, "tokens_in": 0, "tokens_out": 0, "requests": 0, "samples": 0}
     self._loaded = dict.fromkeys(self.totals, 0)  # the part of `totals` a checkpoint brought
-    self.halt: str | None = None
+    self.halt: str | None = None  # why every later call would fail too (secrets scrubbed)
+    self.halt_error: TeacherHalted | None = None
+    self.halt_after_failed_calls = int(o["halt_after_failed_calls"] or 0)
+    self._failed_in_a_row = 0  # calls that gave up after their retries, since the last answer
     self.pending: set[Job] = set()
     self._tasks: set[asyncio.Task] = set()
     self._queue: collections.deque = collections.deque()
@@ -184,6 +188,12 @@ class WorkerPool:
     else:
       self._finish(item, self._failed(item, reason), None)
 
+  def _halt(self, kind: str, reason: str) -> None:
+    """Stops all sending for good (the first cause wins)."""
+    if self.halt is None:
+      self.halt, self.halt_error = reason, TeacherHalted(kind, reason)
+      log.error("teacher halted (%s): %s", kind, reason)
+
   # ------------------------------------------------------------------------- samples out
 
   def _fill(self, job: Job, index: int, sample: Sample) -> None:
@@ -246,7 +256,7 @@ class WorkerPool:
       # The worst case, so that the settled spend can never pass the cap.
       cost = flight.max_tokens_in * self.price_in + flight.max_tokens_out * self.price_out
       if not await self.budget.reserve(cost, lambda: self.halt is not None):
-        self.halt = self.halt or self.budget.exhausted_reason()
+        self._halt("budget", self.budget.exhausted_reason())
         return self._finish(flight, self._failed(flight, self.halt), flight.verdict)
     try:
       verdict, samples = await self._send_once(flight)
@@ -307,13 +317,17 @@ class WorkerPool:
         self.stats.pauses += 1
     if verdict.kind == "halt":
       if not (flight.waiter is not None and verdict.capability):
-        self.halt = self.halt or verdict.reason
-        log.error("teacher halted: %s", verdict.reason)
+        self._halt(halt_kind(verdict.status, verdict.capability), verdict.reason)
       return self._finish(flight, self._failed(flight, verdict.reason), verdict)
     if verdict.kind == "fatal":
       return self._on_fatal(flight, verdict)
     if flight.attempt >= self.max_retries:
       reason = f"gave up after {flight.attempt + 1} attempts; last: {verdict.reason}"
+      self._failed_in_a_row += 1
+      if self.halt_after_failed_calls and self._failed_in_a_row >= self.halt_after_failed_calls:
+        self._halt(
+          "unreachable", f"{self._failed_in_a_row} teacher calls in a row failed; {reason}"
+        )
       return self._finish(flight, self._failed(flight, reason), verdict)
     flight.attempt += 1
     # The worker moves on; the retry re-enters the queue after its backoff.
@@ -367,6 +381,7 @@ class WorkerPool:
     tot["samples"] += len(samples)
     self.budget.charge(cost)
     self.gate.on_success()
+    self._failed_in_a_row = 0
     if self.rates.active:  # reconcile the up-front estimates with the reported usage
       self.rates.reconcile(call.est_tokens_in, call.max_tokens_out, t_in, t_out)
 

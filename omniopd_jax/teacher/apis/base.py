@@ -224,11 +224,19 @@ class Backend:
           capability="temperature",
         )
     if status == 402 or (status == 429 and wire.SPEND_PAT.search(msg)):
-      return Verdict("halt", f"{where}: spend limit or credits exhausted ({msg}); not retried.")
+      return Verdict(
+        "halt", f"{where}: spend limit or credits exhausted ({msg}); not retried.", status=status
+      )
     if status in (401, 403):
-      return Verdict("halt", f"{where}: not authorised ({msg}); check the key in api_key_env.")
+      return Verdict(
+        "halt", f"{where}: not authorised ({msg}); check the key in api_key_env.", status=status
+      )
     if status == 404:
-      return Verdict("halt", f"{where}: not found ({msg}); is the model retired or base_url wrong?")
+      return Verdict(
+        "halt",
+        f"{where}: not found ({msg}); is the model retired or base_url wrong?",
+        status=status,
+      )
     if status == 429 or status == 529:
       after = retry_after_seconds(headers, body)
       return Verdict("retry", f"{where}: {msg}", after, rate_limited=True, status=status)
