@@ -62,6 +62,7 @@ class FakeTeacher:
     log_size: int = 10000,
     echo_key: bool = False,
     bill_worst_case: bool = False,
+    seeded: bool = False,
   ):
     self.fault_rate, self.faults, self.seed = fault_rate, faults, seed
     self.api_key, self.hang_s, self.slow_s, self.retry_after_ms = (
@@ -73,6 +74,9 @@ class FakeTeacher:
     self.log: collections.deque = collections.deque(maxlen=log_size)  # bounded
     # completions usage at the most a client may assume: a token per prompt byte, max_tokens out
     self.bill_worst_case = bill_worst_case
+    # completions as a seeded server samples: a pure function of (prompt, seed, n, sample index);
+    # a prompt holding "[[empties]]" gets some empty continuations (finish_reason "stop")
+    self.seeded = seeded
     self.echo_key = echo_key  # error bodies quote the credentials received, as careless gateways do
     self.billed = {"tokens_in": 0, "tokens_out": 0, "ok": 0}
     self.attempts: dict[bytes, int] = {}
@@ -203,6 +207,12 @@ class FakeTeacher:
       return _json(body, 429)
     return None  # "slow", "partial": applied to the answer
 
+  def _seeded_choice(self, prompt, seed, n: int, index: int) -> dict:
+    digest = hashlib.sha256(json.dumps([prompt, seed, n, index]).encode()).hexdigest()
+    if "[[empties]]" in str(prompt) and digest[0] in "0123":
+      return {"text": "", "finish_reason": "stop"}
+    return {"text": f" draw-{digest[:10]}", "finish_reason": "length"}
+
   def _text(self, tail: str, index: int) -> str:
     self.counter += 1
     return f" then{index} after[{tail[-6:]}] #{self.counter}"
@@ -219,6 +229,8 @@ class FakeTeacher:
       for s in range(n):
         k = min(max_tokens, 5)
         choice = {"index": p_idx * n + s, "text": self._text(tail, s), "finish_reason": "length"}
+        if self.seeded:
+          choice.update(self._seeded_choice(p, body.get("seed"), n, s))
         if body.get("return_token_ids"):
           choice["token_ids"] = list(range(k))
         choices.append(choice)

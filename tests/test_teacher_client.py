@@ -126,7 +126,8 @@ def test_partial_answer_asks_again_for_missing_samples(server, teacher):
     m = client.metrics()
   assert all(s.ok for s in samples) and len({s.text for s in samples}) == 3
   bodies = [json.loads(e["body"]) for e in teacher.log]
-  assert [b["n"] for b in bodies] == [3, 1]  # only the left-out sample is requested again
+  # The same call again (n, seed): the left-out slot gets the draw it would have held.
+  assert [b["n"] for b in bodies] == [3, 3] and bodies[0] == bodies[1]
   assert m["teacher/retries"] == 1
   assert m["teacher/cost_usd"] == pytest.approx(
     teacher.billed["tokens_in"] + teacher.billed["tokens_out"]

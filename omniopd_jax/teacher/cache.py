@@ -1,4 +1,4 @@
-"""The teacher's disk cache: successful samples in one SQLite file, keyed by request and sample
+"""The teacher's disk cache: the teacher's draws in one SQLite file, keyed by request and sample
 index, so that a re-run step reads back exactly the draws the first run got."""
 
 import hashlib
@@ -13,9 +13,10 @@ log = logging.getLogger(__name__)
 
 
 class DiskCache:
-  """Successful samples in one SQLite file (WAL), keyed by sha256(backend, model, mode, request,
+  """The teacher's draws in one SQLite file (WAL), keyed by sha256(backend, model, mode, request,
   sample index). The sample index is part of the key: two samples of one prefix never share an
-  entry, and a rerun of a step reads back the same N draws. Errors are never cached.
+  entry, and a rerun of a step reads back the same N draws. Every draw is cached, empty answers
+  included (Sample.empty); transport failures never are.
 
   One SQLite file, not a file per sample: a file create costs ~1 ms on a VM disk, a batched
   insert a few microseconds. Keep cache_dir on a local disk (SQLite over NFS is unsafe).
@@ -59,14 +60,15 @@ class DiskCache:
       ):
         d = json.loads(value)
         ids = d["token_ids"]
-        found[key] = Sample(d["text"], None, d["finish_reason"], None if ids is None else tuple(ids),
-                            d["tokens_in"], d["tokens_out"], d["mode"], True)  # fmt: skip
+        error = d.get("error")  # set for an empty answer (Sample.empty)
+        found[key] = Sample(d["text"], error, d["finish_reason"], None if ids is None else tuple(ids),
+                            d["tokens_in"], d["tokens_out"], d["mode"], True, error is not None)  # fmt: skip
     return found
 
   def put_many(self, entries: list[tuple[bytes, Sample]]) -> None:
     rows = [
       (key, json.dumps({"text": s.text, "finish_reason": s.finish_reason, "tokens_in": s.tokens_in,
-                        "tokens_out": s.tokens_out, "mode": s.mode,
+                        "tokens_out": s.tokens_out, "mode": s.mode, "error": s.error,
                         "token_ids": None if s.token_ids is None else list(s.token_ids)}))
       for key, s in entries
     ]  # fmt: skip

@@ -43,7 +43,7 @@ DEFAULTS: dict[str, Any] = {
   "output_tpm": None,  # output tokens per minute (max_tokens x n reserved up front)
   "max_retries": 6,  # retries per HTTP call after the first attempt
   "timeout_s": 60.0,  # per attempt, connect to last byte
-  "cache_dir": None,  # disk cache of successful samples; None: off
+  "cache_dir": None,  # disk cache of the teacher's draws (empty ones too); None: off
   "price_in_per_mtok": 0.0,  # USD per 1M input tokens
   "price_out_per_mtok": 0.0,  # USD per 1M output tokens (Gemini thinking tokens count as output)
   "budget_usd": None,  # stop sending once the next call could pass this; None: no cap

@@ -39,7 +39,7 @@ class Stats:
 
   def __init__(self):
     self.requests = self.retries = self.n429 = self.overloaded = self.timeouts = 0
-    self.pauses = self.cache_hits = self.samples_ok = self.samples_failed = 0
+    self.pauses = self.cache_hits = self.samples_ok = self.samples_failed = self.samples_empty = 0
     self.tokens_in = self.tokens_out = 0
     self.cost_usd = 0.0
     self.latencies: list[float] = []
@@ -117,7 +117,7 @@ class WorkerPool:
             self._fill(job, i, failure(f"internal error: {e!r}", self.backend.mode))
 
   def _start_jobs(self, jobs: list[Job]) -> None:
-    items, cache = [], self.cache
+    cache = self.cache
     if self.halt:
       for job in jobs:
         self.pending.add(job)
@@ -131,22 +131,21 @@ class WorkerPool:
       hits = cache.get_many([k for job in jobs for k in job.cache_keys])
     for job in jobs:
       self.pending.add(job)
-      missing = range(job.request.num_samples)
       if hits:
-        missing = []
         for i, key in enumerate(job.cache_keys):
           hit = hits.get(key)
-          if hit is None:
-            missing.append(i)
-          else:
+          if hit is not None:
             self.stats.cache_hits += 1
             self._fill(job, i, hit)
-      if missing:
-        items.append((len(items), job.request, missing, job))
-    if items:
-      jobs_by_item = [it[3] for it in items]
-      # Calls are built when a worker takes them, so only the in-flight ones exist at a time.
-      self.enqueue([(runs, jobs_by_item) for runs in self.backend.plan(items)])
+    # Every job is planned, cached or not, so that a call's prompts, n and seed depend only on
+    # what was submitted: a re-run step whose answers are partly cached sends exactly the calls
+    # of the first run (each of those still missing a sample) and gets the same draws back.
+    items = [(i, job.request, range(job.request.num_samples)) for i, job in enumerate(jobs)]
+    plans = self.backend.plan(items)
+    if hits:
+      plans = [runs for runs in plans if _any_unfilled(runs, jobs)]
+    # Calls are built when a worker takes them, so only the in-flight ones exist at a time.
+    self.enqueue([(runs, jobs) for runs in plans])
 
   def enqueue(self, flights) -> None:
     self._queue.extend(flights)
@@ -205,6 +204,8 @@ class WorkerPool:
     job.remaining -= 1
     if sample.ok:
       self.stats.samples_ok += 1
+    elif sample.empty:
+      self.stats.samples_empty += 1
     else:
       self.stats.samples_failed += 1
     if job.remaining == 0:
@@ -221,7 +222,7 @@ class WorkerPool:
     jobs, slots = flight.jobs, flight.slots
     if self.cache is not None:  # queued before the futures resolve, so flush() sees them
       writes = [(jobs[item].cache_keys[index], s) for (item, index), s in zip(slots, samples)
-                if s is not None and s.ok and jobs[item].samples[index] is None]  # fmt: skip
+                if s is not None and s.settled and jobs[item].samples[index] is None]  # fmt: skip
       if writes:
         if not self._cache_batch:  # one insert transaction per loop pass, off the event loop
           self.loop.call_soon(self.flush_cache)
@@ -348,18 +349,17 @@ class WorkerPool:
     return self._finish(flight, self._failed(flight, verdict.reason), verdict)
 
   def _retry_missing(self, flight: HttpCall, samples: list[Sample]) -> None:
-    """Asks again for the samples a (truncated or proxied) answer left out; the rest stand."""
-    missing = {}
-    for j, ((item, index), s) in enumerate(zip(flight.slots, samples)):
-      if not s.ok and s.error.endswith(MISSING):
-        missing.setdefault(item, []).append(index)
+    """Asks again for the samples a (truncated or proxied) answer left out; the rest stand. The
+    same call is sent again (same prompts, n and seed), so the missing slots get the draws the
+    first answer should have held; its other slots are already filled and ignored."""
+    missing = False
+    for j, s in enumerate(samples):
+      if not s.ok and not s.empty and s.error.endswith(MISSING):
         samples[j] = None  # _fill skips it; the retry fills it
+        missing = True
     if missing:
-      runs = [(item, flight.jobs[item].request, idxs) for item, idxs in missing.items()]
-      retry = self.backend.pack(runs)
-      for call in retry:
-        call.jobs, call.attempt = flight.jobs, flight.attempt + 1
-      self.loop.call_later(self.backoff.delay(flight.attempt, None), self.enqueue, retry)
+      flight.attempt += 1
+      self.loop.call_later(self.backoff.delay(flight.attempt - 1, None), self.enqueue, [flight])
 
   def _account(self, call: HttpCall, samples: list[Sample], latency: float) -> None:
     if len(samples) == 1:
@@ -406,6 +406,7 @@ class WorkerPool:
       "teacher/tokens_in": s.tokens_in, "teacher/tokens_out": s.tokens_out,
       "teacher/cost_usd": s.cost_usd, "teacher/cost_usd_total": self.totals["cost_usd"],
       "teacher/samples_ok": s.samples_ok, "teacher/samples_failed": s.samples_failed,
+      "teacher/samples_empty": s.samples_empty,
       "teacher/cache_hits": s.cache_hits, "teacher/approximate": float(approximate),
       "teacher/pending_forks": len(self.pending),
     }  # fmt: skip
@@ -441,3 +442,7 @@ class WorkerPool:
     self._writer.shutdown(wait=True)  # every cache write lands before close() returns
     if self.cache is not None:
       self.cache.close()
+
+
+def _any_unfilled(runs, jobs: list[Job]) -> bool:
+  return any(jobs[item].samples[i] is None for item, _, idxs in runs for i in idxs)

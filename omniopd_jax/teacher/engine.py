@@ -425,7 +425,7 @@ def _samples(job: Job, result) -> list[wire.Sample]:
     t_out = len(choice.token_ids)
     if not choice.text:
       reason = f"empty continuation (finish_reason={choice.finish_reason})"
-      out.append(wire.failure(reason, "raw", t_in, t_out))
+      out.append(wire.empty_answer(reason, "raw", t_in, t_out, choice.finish_reason))
       continue
     ids = tuple(choice.token_ids)
     out.append(wire.Sample(choice.text, None, choice.finish_reason, ids, t_in, t_out, "raw"))

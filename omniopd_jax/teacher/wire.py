@@ -46,6 +46,9 @@ class Sample:
 
   `tokens_in`/`tokens_out` are this sample's share of the usage the API reported (shares of one
   HTTP call sum exactly to its usage). `mode` is "raw", "prefill" or "instructed" (approximate).
+  `empty`: the teacher answered, with no usable text (an empty, filtered or refused
+  continuation). That is a draw like any other, so it is cached and never asked again (a re-run
+  step gets the same outcome), but it is no evidence about a chunk, so it is not `ok`.
   """
 
   text: str | None
@@ -56,14 +59,26 @@ class Sample:
   tokens_out: int = 0
   mode: str = ""
   from_cache: bool = False
+  empty: bool = False
 
   @property
   def ok(self) -> bool:
     return self.error is None
 
+  @property
+  def settled(self) -> bool:
+    """A draw the teacher made (text or empty), as opposed to a transport failure."""
+    return self.error is None or self.empty
+
 
 def failure(reason: str, mode: str = "", tokens_in: int = 0, tokens_out: int = 0) -> Sample:
+  """A sample that did not come back (transport, server error, halt): asked again on a re-run."""
   return Sample(text=None, error=reason, mode=mode, tokens_in=tokens_in, tokens_out=tokens_out)
+
+
+def empty_answer(reason: str, mode: str = "", tokens_in: int = 0, tokens_out: int = 0, finish=None):
+  """A teacher answer with no usable text (see Sample.empty); `reason` says why."""
+  return Sample(None, reason, finish, None, tokens_in, tokens_out, mode, False, True)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -238,6 +253,6 @@ def parsed_sample(text: Any, finish: Any, mode: str, t_in: int, t_out: int, ids=
     # Not a string (null, a number): a broken answer, asked for again like a missing one.
     return failure(f"finish_reason={finish}, text {MISSING}", mode, t_in, t_out)
   if not text:
-    return failure(f"empty continuation (finish_reason={finish})", mode, t_in, t_out)
+    return empty_answer(f"empty continuation (finish_reason={finish})", mode, t_in, t_out, finish)
   ids = tuple(ids) if isinstance(ids, list) else None
   return Sample(text, None, finish, ids, t_in, t_out, mode)

@@ -5,8 +5,8 @@ from omniopd_jax.teacher.wire import (
   Capabilities,
   MalformedResponse,
   Verdict,
+  empty_answer,
   error_message,
-  failure,
   parsed_sample,
 )
 
@@ -67,7 +67,7 @@ class Anthropic(Backend):
     t_out = int(usage.get("output_tokens") or 0)
     stop = body.get("stop_reason")
     if stop == "refusal":
-      return [failure("teacher refused (stop_reason=refusal)", call.mode, t_in, t_out)]
+      return [empty_answer("teacher refused (stop_reason=refusal)", call.mode, t_in, t_out, stop)]
     text = "".join(
       b.get("text", "") for b in content if isinstance(b, dict) and b.get("type") == "text"
     )

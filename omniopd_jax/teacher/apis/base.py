@@ -112,8 +112,9 @@ class Backend:
   ) -> list[list[tuple[int, TeacherRequest, list[int]]]]:
     """Groups (item id, request, sample indices) into the runs of each HTTP call.
 
-    A request's samples are cut into runs of at most `samples_per_request`; runs with equal
-    (n, max_tokens, temperature, stop, prompt kind) share a call up to `prompts_per_request`.
+    A request's samples are cut into runs (blocks) of at most `samples_per_request`; runs with
+    equal (block start, n, max_tokens, temperature, stop, prompt kind) share a call up to
+    `prompts_per_request`.
     """
     spr, ppr = self.caps.samples_per_request, prompts_per_request or self.caps.prompts_per_request
     groups: dict[tuple, list[tuple[int, TeacherRequest, list[int]]]] = {}
@@ -127,7 +128,10 @@ class Backend:
         if ppr == 1:
           plans.append([run])
           continue
-        key = (len(run[2]), req.max_tokens, req.temperature, req.stop, req.prefix_token_ids is None)
+        # The block's first index is in the key: two blocks of one prompt never share a call (one
+        # seed per call, so they would repeat each other's draws).
+        key = (run[2][0], len(run[2]), req.max_tokens, req.temperature, req.stop,
+               req.prefix_token_ids is None)  # fmt: skip
         group = groups.setdefault(key, [])
         group.append(run)
         if len(group) == ppr:
@@ -145,8 +149,10 @@ class Backend:
     return [self.make_call(runs) for runs in self.plan(items, prompts_per_request)]
 
   def make_call(self, runs: list[tuple[int, TeacherRequest, list[int]]]) -> HttpCall:
-    """One HTTP call for `runs`. Its seed is derived from the first run's request seed and first
-    sample index, so two calls for one prefix never repeat a seed (identical samples)."""
+    """One HTTP call for `runs`. Its seed is derived from the first run's request seed and the
+    first sample index of its block (blocks of samples_per_request are fixed by the request, not
+    by which samples are missing), so two calls for one prefix never repeat a seed and a call
+    sent again gets the same draws."""
     req0, idx0 = runs[0][1], runs[0][2]
     n = len(idx0)
     seed = None if req0.seed is None else (req0.seed + 7919 * idx0[0]) % (2**31 - 1)

@@ -5,6 +5,7 @@ from omniopd_jax.teacher.wire import (
   MISSING,
   Capabilities,
   MalformedResponse,
+  empty_answer,
   failure,
   parsed_sample,
   usage_shares,
@@ -55,7 +56,8 @@ class Gemini(Backend):
       block = (body.get("promptFeedback") or {}).get("blockReason")
       if block:
         return [
-          failure(f"prompt blocked ({block})", call.mode, ins[j], outs[j]) for j in range(len(ins))
+          empty_answer(f"prompt blocked ({block})", call.mode, ins[j], outs[j])
+          for j in range(len(ins))
         ]
       raise MalformedResponse("no `candidates` list")
     by_index = {c.get("index", j): c for j, c in enumerate(candidates) if isinstance(c, dict)}
@@ -67,7 +69,9 @@ class Gemini(Backend):
         continue
       finish = c.get("finishReason")
       if finish in ("SAFETY", "RECITATION", "BLOCKLIST", "PROHIBITED_CONTENT", "SPII", "OTHER"):
-        samples.append(failure(f"filtered (finishReason={finish})", call.mode, ins[j], outs[j]))
+        samples.append(
+          empty_answer(f"filtered (finishReason={finish})", call.mode, ins[j], outs[j], finish)
+        )
         continue
       parts = (c.get("content") or {}).get("parts") or []
       text = "".join(
