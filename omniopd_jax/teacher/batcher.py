@@ -19,6 +19,7 @@ class Batcher:
     self._pending: collections.deque = collections.deque()  # (job, future)
     self._task: asyncio.Task | None = None
     self._work: queue.Queue = queue.Queue()
+    self.jobs_run = 0  # jobs handed to the engine (a cancelled one never is)
     # A daemon thread (not an executor) so that shutdown never waits on a running batch.
     threading.Thread(target=self._worker, name="serve-jax", daemon=True).start()
 
@@ -52,10 +53,15 @@ class Batcher:
     while self._pending:
       if sum(job.rows for job, _ in self._pending) < self.max_batch:
         await asyncio.sleep(self.wait_s)  # let concurrent requests join this batch
+      # Jobs whose client went away (the request handler was cancelled) are dropped unrun.
+      self._pending = collections.deque(p for p in self._pending if not p[1].cancelled())
       items, rows = [], 0
       while self._pending and (not items or rows + self._pending[0][0].rows <= self.max_batch):
         items.append(self._pending.popleft())
         rows += items[-1][0].rows
+      if not items:
+        break
+      self.jobs_run += len(items)
       done = concurrent.futures.Future()
       self._work.put((self.teacher.run, ([job for job, _ in items],), done))
       try:

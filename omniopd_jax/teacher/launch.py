@@ -13,6 +13,7 @@ import tempfile
 import time
 import urllib.request
 
+CLIENT_DEFAULT_MODEL = "teacher"  # TeacherClient's default `model` (config teacher.model)
 READY = re.compile(r"ready at (http://\S+)")  # the line `serve` prints once it listens
 
 
@@ -68,7 +69,9 @@ def start_subprocess(
   """Starts `python -m omniopd_jax.serve --model model_dir` and waits until /health answers.
 
   `port=0` lets the server pick a free port. Other keyword flags become command-line flags
-  (`max_batch=8` -> `--max_batch 8`). Output goes to `log_path` (default: a temporary file).
+  (`max_batch=8` -> `--max_batch 8`); without `served_model_name` the server answers to the
+  directory's name and to "teacher" (TeacherClient's default model name). Output goes to
+  `log_path` (default: a temporary file).
   The child inherits `env` (default: os.environ) with XLA_PYTHON_CLIENT_PREALLOCATE=false unless
   set; on a TPU host, which one process owns, pass env with JAX_PLATFORMS=cpu for a CPU teacher.
   Raises RuntimeError, with the log's tail, when the server exits or is not ready in `timeout_s`.
@@ -81,6 +84,11 @@ def start_subprocess(
   if log_path is None:
     fd, log_path = tempfile.mkstemp(prefix="omniopd_serve_", suffix=".log")
     os.close(fd)
+  if flags.get("served_model_name") is None:
+    # The directory's name, and the model name TeacherClient sends by default (teacher.model):
+    # the server answers 404 to any other.
+    base = os.path.basename(os.path.normpath(model_dir))
+    flags["served_model_name"] = f"{base},{CLIENT_DEFAULT_MODEL}"
   cmd = [sys.executable, "-m", "omniopd_jax.serve", "--model", model_dir]
   cmd += ["--host", host, "--port", str(port), "--exit_with_parent", str(os.getpid())]
   for name, value in flags.items():
