@@ -66,3 +66,18 @@ def test_a_teacher_that_went_away_halts_after_calls_in_a_row_gave_up():
     halted.value
   )
   assert "connection error" in halted.value.cause and again[0].error == halted.value.cause
+
+
+def test_halt_from_a_signal_handler_ends_the_teacher_wait_at_once():
+  teacher = fts.FakeTeacher(hang_s=5.0)
+  with fts.ServerThread(teacher) as srv, client_for(srv.url(), timeout_s=4.0) as client:
+    futures = client.submit(forks("[[fault:timeout,timeout,timeout]]", 4))  # a failing teacher
+    time.sleep(0.2)
+    t0 = time.perf_counter()
+    client.halt("SIGTERM")  # only schedules: safe in a signal handler
+    results = [f.result(timeout=2) for f in futures]
+    waited = time.perf_counter() - t0
+    with pytest.raises(tc.TeacherHalted) as halted:
+      client.raise_if_halted()
+  assert waited < 1.0 and all(s.error == "SIGTERM" for r in results for s in r)
+  assert halted.value.kind == "stopped"

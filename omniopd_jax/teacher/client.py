@@ -188,6 +188,14 @@ class TeacherClient:
     if self._pool.halt_error is not None:
       raise self._pool.halt_error
 
+  def halt(self, reason: str = "stopped by the caller") -> None:
+    """Stops sending now; callable from any thread and from a signal handler (it only schedules).
+    Pending requests resolve with failures within moments, later ones fail at once, and
+    raise_if_halted raises TeacherHalted("stopped", reason): a SIGTERM handler calls this so the
+    step's teacher wait ends at once instead of after a failing teacher's retries."""
+    if not self._closed:
+      self._loop.call_soon_threadsafe(self._pool.halt_now, "stopped", reason)
+
   @property
   def budget_exhausted(self) -> bool:
     halt = self._pool.halt

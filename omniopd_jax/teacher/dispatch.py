@@ -193,6 +193,18 @@ class WorkerPool:
       self.halt, self.halt_error = reason, TeacherHalted(kind, reason)
       log.error("teacher halted (%s): %s", kind, reason)
 
+  def halt_now(self, kind: str, reason: str) -> None:
+    """Halts and gives up at once: queued calls dropped, in-flight ones cancelled, every pending
+    request resolved with failures (a SIGTERM must not wait for a failing teacher's retries)."""
+    self._halt(kind, reason)
+    self._queue.clear()
+    for task in list(self._tasks):
+      task.cancel()
+    for job in list(self.pending):
+      for i, s in enumerate(job.samples):
+        if s is None:
+          self._fill(job, i, failure(self.halt, self.backend.mode))
+
   # ------------------------------------------------------------------------- samples out
 
   def _fill(self, job: Job, index: int, sample: Sample) -> None:

@@ -1,7 +1,9 @@
 """What the teacher client raises. A train loop catches `TeacherHalted` to stop the run."""
 
 # Why a client halts (TeacherHalted.kind).
-HALT_KINDS = ("auth", "spend_limit", "not_found", "capability", "budget", "unreachable", "refused")
+HALT_KINDS = (
+  "auth", "spend_limit", "not_found", "capability", "budget", "unreachable", "refused", "stopped"
+)  # fmt: skip
 
 
 class TeacherError(RuntimeError):
@@ -20,7 +22,8 @@ class TeacherHalted(TeacherError):
   "not_found" (404: model or base_url), "capability" (the API refuses prefill, temperature or
   several samples), "budget" (teacher.budget_usd reached), "unreachable" (teacher.
   halt_after_failed_calls calls in a row gave up after their retries: server down or unusable),
-  "refused" (any other halting answer). `cause`: the reason, secrets scrubbed.
+  "refused" (any other halting answer), "stopped" (the caller's TeacherClient.halt, e.g. on
+  SIGTERM). `cause`: the reason, secrets scrubbed.
   """
 
   def __init__(self, kind: str, cause: str):
