@@ -341,7 +341,7 @@ class ServerThread:
     await self._runner.setup()
     site = web.TCPSite(self._runner, "127.0.0.1", 0)
     await site.start()
-    return site._server.sockets[0].getsockname()[1]
+    return self._runner.addresses[0][1]
 
   def url(self, prefix: str = "/v1") -> str:
     return f"http://127.0.0.1:{self.port}{prefix}"
@@ -371,7 +371,7 @@ def main():
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", args.port)
     await site.start()
-    print(f"PORT={site._server.sockets[0].getsockname()[1]}", flush=True)
+    print(f"PORT={runner.addresses[0][1]}", flush=True)
     await asyncio.Event().wait()
 
   asyncio.run(serve())

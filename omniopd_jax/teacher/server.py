@@ -113,7 +113,7 @@ async def _start(app, host: str, port: int) -> tuple[web.AppRunner, int]:
   await runner.setup()
   site = web.TCPSite(runner, host, port)
   await site.start()
-  return runner, site._server.sockets[0].getsockname()[1]
+  return runner, runner.addresses[0][1]
 
 
 def _url(host: str, port: int) -> str:
