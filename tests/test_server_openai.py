@@ -15,6 +15,7 @@ import pytest
 import transformers
 
 from omniopd_jax.data import tasks
+from omniopd_jax.teacher import client as tc
 from omniopd_jax.teacher import engine
 from omniopd_jax.teacher import server as serve
 
@@ -117,6 +118,17 @@ def test_sdk_errors_are_typed(sdk):
     )
   with pytest.raises(openai.BadRequestError, match="--max_rows"):
     sdk.completions.create(model="tiny", prompt=["a", "b", "c"], n=8, max_tokens=2)
+
+
+def test_our_openai_chat_teacher_backend_prefills_through_the_chat_route(server):
+  cfg = dict(backend="openai_chat", base_url=server.url, model="tiny", max_tokens=6, timeout_s=60.0)
+  fork = tc.TeacherRequest(key="c", problem="2 + 3?", prefix_text="It is", num_samples=3, seed=2)
+  with tc.TeacherClient.from_config(cfg) as client:
+    assert client.probe()["mode"] == "prefill"  # continue_final_message is honoured
+    (samples,) = client.generate([fork], timeout=60)
+    metrics = client.metrics()
+  assert len(samples) == 3 and all(s.ok or s.empty for s in samples)
+  assert metrics["teacher/samples_failed"] == 0
 
 
 # ------------------------------------------------------------------------------- the abuse list
