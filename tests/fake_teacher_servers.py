@@ -60,6 +60,9 @@ class FakeTeacher:
     slow_s: float = 0.05,
     retry_after_ms: int = 10,
     log_size: int = 10000,
+    echo_key: bool = False,
+    bill_worst_case: bool = False,
+    seeded: bool = False,
   ):
     self.fault_rate, self.faults, self.seed = fault_rate, faults, seed
     self.api_key, self.hang_s, self.slow_s, self.retry_after_ms = (
@@ -69,6 +72,12 @@ class FakeTeacher:
       retry_after_ms,
     )
     self.log: collections.deque = collections.deque(maxlen=log_size)  # bounded
+    # completions usage at the most a client may assume: a token per prompt byte, max_tokens out
+    self.bill_worst_case = bill_worst_case
+    # completions as a seeded server samples: a pure function of (prompt, seed, n, sample index);
+    # a prompt holding "[[empties]]" gets some empty continuations (finish_reason "stop")
+    self.seeded = seeded
+    self.echo_key = echo_key  # error bodies quote the credentials received, as careless gateways do
     self.billed = {"tokens_in": 0, "tokens_out": 0, "ok": 0}
     self.attempts: dict[bytes, int] = {}
     self.counter = 0
@@ -97,6 +106,16 @@ class FakeTeacher:
     return None
 
   def _wrap(self, handler):
+    async def echoing(request: web.Request):
+      resp = await wrapped(request)
+      if not self.echo_key or resp.status < 400 or not isinstance(resp, web.Response):
+        return resp
+      body = json.loads(resp.body)
+      error = body["error"] if isinstance(body.get("error"), dict) else body
+      creds = {k: request.headers.get(k) for k in ("Authorization", "x-api-key", "x-goog-api-key")}
+      error["message"] = f"{error.get('message')}; you sent {creds}"
+      return _json(body, resp.status, {k: v for k, v in resp.headers.items() if "etry" in k})
+
     async def wrapped(request: web.Request):
       raw = await request.read()
       fault = self._fault_for(raw)
@@ -152,7 +171,7 @@ class FakeTeacher:
         return resp
       return _json(payload)
 
-    return wrapped
+    return echoing
 
   async def _fault(self, request: web.Request, fault: str):
     err = lambda t, m: {"type": "error", "error": {"type": t, "message": m}}
@@ -188,6 +207,12 @@ class FakeTeacher:
       return _json(body, 429)
     return None  # "slow", "partial": applied to the answer
 
+  def _seeded_choice(self, prompt, seed, n: int, index: int) -> dict:
+    digest = hashlib.sha256(json.dumps([prompt, seed, n, index]).encode()).hexdigest()
+    if "[[empties]]" in str(prompt) and digest[0] in "0123":
+      return {"text": "", "finish_reason": "stop"}
+    return {"text": f" draw-{digest[:10]}", "finish_reason": "length"}
+
   def _text(self, tail: str, index: int) -> str:
     self.counter += 1
     return f" then{index} after[{tail[-6:]}] #{self.counter}"
@@ -204,11 +229,16 @@ class FakeTeacher:
       for s in range(n):
         k = min(max_tokens, 5)
         choice = {"index": p_idx * n + s, "text": self._text(tail, s), "finish_reason": "length"}
+        if self.seeded:
+          choice.update(self._seeded_choice(p, body.get("seed"), n, s))
         if body.get("return_token_ids"):
           choice["token_ids"] = list(range(k))
         choices.append(choice)
         t_out += k
     t_in = sum(len(p) if isinstance(p, list) else len(p) // 4 + 1 for p in prompts)
+    if self.bill_worst_case:
+      t_in = sum(len(p) if isinstance(p, list) else len(p.encode()) for p in prompts)
+      t_out = max_tokens * len(choices)
     random.Random(self.counter).shuffle(choices)  # order is not part of the contract: index is
     usage = {"prompt_tokens": t_in, "completion_tokens": t_out, "total_tokens": t_in + t_out}
     return (
@@ -311,7 +341,7 @@ class ServerThread:
     await self._runner.setup()
     site = web.TCPSite(self._runner, "127.0.0.1", 0)
     await site.start()
-    return site._server.sockets[0].getsockname()[1]
+    return self._runner.addresses[0][1]
 
   def url(self, prefix: str = "/v1") -> str:
     return f"http://127.0.0.1:{self.port}{prefix}"
@@ -341,7 +371,7 @@ def main():
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", args.port)
     await site.start()
-    print(f"PORT={site._server.sockets[0].getsockname()[1]}", flush=True)
+    print(f"PORT={runner.addresses[0][1]}", flush=True)
     await asyncio.Event().wait()
 
   asyncio.run(serve())

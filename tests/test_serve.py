@@ -294,7 +294,7 @@ def test_teacher_client_end_to_end(server, tokenizer):
   cfg = dict(
     backend="openai_completions",
     base_url=server.url,
-    model="teacher",  # any name is accepted; answers carry the served name
+    model="tiny",  # the served name (others get a 404, as from vLLM)
     max_tokens=8,
     timeout_s=60.0,
   )

@@ -14,6 +14,7 @@ import pytest
 
 from omniopd_jax.teacher import backends as tb
 from omniopd_jax.teacher import client as tc
+from omniopd_jax.teacher import futures, pacing
 
 sys.path.insert(0, os.path.dirname(__file__))
 import fake_teacher_servers as fts  # noqa: E402
@@ -125,7 +126,8 @@ def test_partial_answer_asks_again_for_missing_samples(server, teacher):
     m = client.metrics()
   assert all(s.ok for s in samples) and len({s.text for s in samples}) == 3
   bodies = [json.loads(e["body"]) for e in teacher.log]
-  assert [b["n"] for b in bodies] == [3, 1]  # only the left-out sample is requested again
+  # The same call again (n, seed): the left-out slot gets the draw it would have held.
+  assert [b["n"] for b in bodies] == [3, 3] and bodies[0] == bodies[1]
   assert m["teacher/retries"] == 1
   assert m["teacher/cost_usd"] == pytest.approx(
     teacher.billed["tokens_in"] + teacher.billed["tokens_out"]
@@ -161,7 +163,7 @@ def test_spend_limit_halts(server):
 
 
 def test_budget_cap_stops_cleanly(server, teacher):
-  # Each call: ~3 input tokens and max 8 output tokens reserved at $0.1/token.
+  # Each call reserves its worst case at $0.1/token (~14 input tokens, max 8 output tokens).
   price = dict(price_in_per_mtok=1e5, price_out_per_mtok=1e5, budget_usd=5.0)
   with client_for(server, prompts_per_request=1, max_in_flight=4, **price) as client:
     results = client.generate(forks(20, 1), timeout=10)
@@ -173,6 +175,37 @@ def test_budget_cap_stops_cleanly(server, teacher):
     0.1 * (teacher.billed["tokens_in"] + teacher.billed["tokens_out"])
   )
   assert all("budget cap" in s.error for r in results for s in r if not s.ok)
+
+
+def test_budget_is_a_hard_cap_when_the_api_bills_the_worst_case():
+  # $0.1 a token; each prompt ~200 characters, billed one token a byte, and max_tokens out.
+  teacher = fts.FakeTeacher(bill_worst_case=True)
+  prompts = [
+    tc.TeacherRequest(key=f"f{i}", prefix_text=f"{i} " + "x" * (150 + 10 * i)) for i in range(30)
+  ]
+  price = dict(price_in_per_mtok=1e5, price_out_per_mtok=1e5, budget_usd=200.0)
+  with fts.ServerThread(teacher) as srv:
+    with client_for(srv, prompts_per_request=1, max_in_flight=8, **price) as client:
+      results = client.generate(prompts, timeout=30)
+      spent = client.state_dict()["cost_usd"]
+      assert client.budget_exhausted
+  ok = sum(s.ok for r in results for s in r)
+  billed = 0.1 * (teacher.billed["tokens_in"] + teacher.billed["tokens_out"])
+  assert 0 < ok < 30 and spent == pytest.approx(billed) and spent <= 200.0
+
+
+def test_the_probe_is_budgeted_and_counted(server, teacher):
+  price = dict(price_in_per_mtok=1e5, price_out_per_mtok=1e5, budget_usd=50.0)
+  with client_for(server, **price) as client:
+    client.load_state_dict({"cost_usd": 50.0})  # a resumed run whose budget is spent
+    with pytest.raises(tc.TeacherHalted, match="budget"):
+      client.probe(timeout=10)
+  assert len(teacher.log) == 0  # checked before anything was sent
+  with client_for(server, **price) as client:
+    client.probe(timeout=10)
+    probe_cost = client.state_dict()["cost_usd"]
+    client.load_state_dict({"cost_usd": 10.0})  # the checkpoint's spend, loaded after the probe
+    assert probe_cost > 0 and client.state_dict()["cost_usd"] == pytest.approx(10.0 + probe_cost)
 
 
 def test_disk_cache_per_sample_and_reruns_free(server, teacher, tmp_path):
@@ -229,7 +262,7 @@ def test_429_storm_pauses_all_traffic(server, teacher):
 
 def test_token_bucket_pacing():
   now = [0.0]
-  b = tc.TokenBucket(per_minute=600, burst_s=1.0, clock=lambda: now[0])  # 10/s, holds 10
+  b = pacing.TokenBucket(per_minute=600, burst_s=1.0, clock=lambda: now[0])  # 10/s, holds 10
   assert b.delay(10) == 0
   b.take(10)
   assert b.delay(1) == pytest.approx(0.1)
@@ -348,19 +381,13 @@ def test_in_process_backend_hook():
   assert m["teacher/retries"] == 1 and m["teacher/tokens_out"] == 2
 
 
-def test_futures_sharing_one_condition_behave_like_futures():
-  cond = threading.Condition()
-  a, b, c, d = (tc._Future(cond) for _ in range(4))
-  threading.Timer(0.02, lambda: b.set_result("b")).start()
-  with pytest.raises(concurrent.futures.TimeoutError):
-    a.result(timeout=0.1)  # b's wake-up does not end a's wait early or wrongly
-  threading.Timer(0.05, lambda: a.set_result("a")).start()
-  assert a.result(timeout=5) == "a" and b.result() == "b"
-  assert c.cancel() and c.cancelled() and not c.set_running_or_notify_cancel()  # as _fill does
+def test_cancelled_futures_are_marked_for_waiters():
+  a, c = futures.new_future(), futures.new_future()
+  threading.Timer(0.02, lambda: futures.resolve(a, "a")).start()
+  assert a.result(timeout=5) == "a"
+  assert c.cancel()
+  futures.resolve(c, "late")  # the client delivers into a future its caller cancelled
   with pytest.raises(concurrent.futures.CancelledError):
     c.result()
-  d.set_exception(ValueError("boom"))
-  assert isinstance(d.exception(timeout=1), ValueError)
-  done, not_done = concurrent.futures.wait([a, b, c, d], timeout=1)
-  assert len(done) == 4 and not not_done
-  assert {f.result() for f in concurrent.futures.as_completed([a, b])} == {"a", "b"}
+  done, not_done = concurrent.futures.wait([a, c], timeout=1)
+  assert len(done) == 2 and not not_done

@@ -14,6 +14,7 @@ import transformers
 from omniopd_jax.data import tasks
 from omniopd_jax.rollout import sampler
 from omniopd_jax.teacher import client as tc
+from omniopd_jax.teacher import engine
 from omniopd_jax.teacher import local as teacher_local
 
 SP = teacher_local.SamplingParams
@@ -99,8 +100,8 @@ def test_seeded_jobs_ignore_batch_mates_and_unseeded_jobs_merge(teacher, monkeyp
   split = teacher.run([teacher_local.Job(((1, 14), (1, 14)), params)])[0]
   assert calls == [1, 1]
   assert _texts(split[:2]) != _texts(split[2:])
-  assert teacher_local.chunk_seed(7, 0) != teacher_local.chunk_seed(7, 1)
-  assert teacher_local.chunk_seed(7, 1) == teacher_local.chunk_seed(7, 1)
+  assert engine.chunk_seed(7, 0) != engine.chunk_seed(7, 1)
+  assert engine.chunk_seed(7, 1) == engine.chunk_seed(7, 1)
 
 
 def test_score_matches_transformers(teacher, hf_model):
@@ -127,12 +128,12 @@ def test_stop_cut_and_echo(teacher):
 
 
 def test_helpers():
-  lengths = {m: teacher_local.generation_length(m) for m in range(1, 3000)}
+  lengths = {m: engine.generation_length(m) for m in range(1, 3000)}
   assert all(m <= g and (g == 8 or g - m < max(8, m // 4 + 1)) for m, g in lengths.items())
   assert len({g for m, g in lengths.items() if 256 < m <= 512}) == 4  # 4 programs per octave
-  assert teacher_local.generation_length(50) == 56
-  assert teacher_local._first_stop("xabcab", ["ab", "abc", "q"]) == (1, "abc")  # tie: longest
-  assert teacher_local._first_stop("xyz", ["ab"]) is None
+  assert engine.generation_length(50) == 56
+  assert engine.first_stop("xabcab", ["ab", "abc", "q"]) == (1, "abc")  # tie: longest
+  assert engine.first_stop("xyz", ["ab"]) is None
 
 
 def test_local_backend_through_teacher_client(hf_model):

@@ -1,0 +1,1 @@
+"""One module per teacher API; `omniopd_jax.teacher.backends` is their registry."""
