@@ -7,19 +7,14 @@ token_mask [B, T] bool marks the tokens that count. Softmax, log-probs and KL ar
 import jax
 import jax.numpy as jnp
 
+from omniopd_jax.rollout.forks import token_logprobs
+
 REDUCTIONS = ("sequence_sum", "token_mean")
 
 
 def log_softmax32(logits: jax.Array) -> jax.Array:
   """[..., V] -> float32 log-probabilities (float32: bf16 log-probs are off by ~1e-2 nats)."""
   return jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-
-
-def token_logprobs(logits: jax.Array, targets: jax.Array) -> jax.Array:
-  """log p(targets) = z_y - logsumexp(z): [B, T, V], [B, T] -> [B, T] float32."""
-  z = logits.astype(jnp.float32)  # [B, T, V]
-  z_y = jnp.take_along_axis(z, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]  # [B, T]
-  return z_y - jax.nn.logsumexp(z, axis=-1)
 
 
 def kl_to_base(base_logits: jax.Array, logits: jax.Array) -> jax.Array:
