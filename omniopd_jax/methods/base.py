@@ -12,6 +12,8 @@ from collections.abc import Callable
 from typing import Any
 
 import flax.struct
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 from omniopd_jax.rollout import sampler
@@ -67,6 +69,8 @@ class WaitCancelled(Exception):
 Collector = Callable[[Context, Any, dict, int], Callable[[], Collected]]
 # loss(config, logits [B, L, V], batch, base_logits, teacher_logits) -> (loss, aux scalars).
 Loss = Callable[..., tuple[Any, dict]]
+# abstract_batch(config, rows, prompt_len, length) -> the typed batch of jax.ShapeDtypeStructs.
+AbstractBatch = Callable[[Any, int, int, int], Any]
 
 
 def _never(config) -> bool:
@@ -91,6 +95,7 @@ class Method:
   name: str
   collect: Collector
   loss: Loss
+  abstract_batch: AbstractBatch  # shapes of its batch (tools.plan, compile checks)
   # The teacher it needs: "" none | "api" a text API (TeacherClient + scorer) | "model" a
   # same-tokenizer model in process.
   teacher: str = ""
@@ -99,6 +104,17 @@ class Method:
   # Device-side preparation of the global batch before any micro-batch split.
   prepare_batch: Callable[[Any, Any], Any] = _unchanged
   samples_per_prompt: Callable[[Any], int] = _one  # rows of the batch per prompt
+
+
+def abstract_sequences(rows: int, prompt_len: int, length: int) -> Sequences:
+  """Sequences of jax.ShapeDtypeStructs: [rows, prompt_len + length] tokens, [rows, length]."""
+  s = jax.ShapeDtypeStruct
+  return Sequences(
+    tokens=s((rows, prompt_len + length), jnp.int32),
+    attention_mask=s((rows, prompt_len + length), jnp.bool_),
+    response_tokens=s((rows, length), jnp.int32),
+    response_mask=s((rows, length), jnp.bool_),
+  )
 
 
 def stable_seed(*parts) -> int:

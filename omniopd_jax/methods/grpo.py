@@ -144,10 +144,21 @@ def loss(config, logits, batch: GRPOBatch, base_logits=None, teacher_logits=None
   )  # fmt: skip
 
 
+def abstract_batch(config, rows: int, prompt_len: int, length: int) -> GRPOBatch:
+  del config
+  s = jax.ShapeDtypeStruct
+  return GRPOBatch(
+    seq=base.abstract_sequences(rows, prompt_len, length),
+    advantages=s((rows,), jnp.float32),
+    old_logprobs=s((rows, length), jnp.float32),
+  )
+
+
 METHOD = base.Method(
   name="grpo",
   collect=collect,
   loss=loss,
+  abstract_batch=abstract_batch,
   needs_base=lambda config: config.grpo.beta > 0,
   samples_per_prompt=lambda config: config.grpo.group_size,
 )

@@ -367,10 +367,21 @@ def needs_base(config) -> bool:
   return bool(config.omniopd.kl_anchor)
 
 
+def abstract_batch(config, rows: int, prompt_len: int, length: int) -> OmniOPDBatch:
+  m, s = config.omniopd.num_forks, jax.ShapeDtypeStruct
+  return OmniOPDBatch(
+    seq=base.abstract_sequences(rows, prompt_len, length),
+    fork_starts=s((rows, m), jnp.int32),
+    fork_mask=s((rows, m), jnp.bool_),
+    fork_weight=s((rows, m), jnp.float32),
+  )
+
+
 METHOD = base.Method(
   name="omniopd",
   collect=collect,
   loss=loss,
+  abstract_batch=abstract_batch,
   teacher="api",
   needs_base=needs_base,
   prepare_batch=center_fork_weights,

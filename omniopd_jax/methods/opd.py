@@ -129,10 +129,17 @@ def loss(config, logits, batch: OPDBatch, base_logits=None, teacher_logits=None)
   )
 
 
+def abstract_batch(config, rows: int, prompt_len: int, length: int) -> OPDBatch:
+  sampled = config.opd.estimator == "sampled"
+  teacher_logprobs = jax.ShapeDtypeStruct((rows, length), jnp.float32) if sampled else None
+  return OPDBatch(base.abstract_sequences(rows, prompt_len, length), teacher_logprobs)
+
+
 METHOD = base.Method(
   name="opd",
   collect=collect,
   loss=loss,
+  abstract_batch=abstract_batch,
   teacher="model",
   needs_teacher_logits=lambda config: config.opd.estimator == "full_vocab",
 )

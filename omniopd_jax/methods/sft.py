@@ -70,4 +70,9 @@ def loss(config, logits, batch: SFTBatch, base_logits=None, teacher_logits=None)
   return sft_loss(logits, batch.seq.response_tokens, batch.seq.response_mask)
 
 
-METHOD = base.Method(name="sft", collect=collect, loss=loss)
+def abstract_batch(config, rows: int, prompt_len: int, length: int) -> SFTBatch:
+  del config
+  return SFTBatch(base.abstract_sequences(rows, prompt_len, length))
+
+
+METHOD = base.Method(name="sft", collect=collect, loss=loss, abstract_batch=abstract_batch)

@@ -110,6 +110,11 @@ def make_loss_fn(config, method: base.Method, graphdef, teacher_graphdef=None):
   return loss_fn
 
 
+def needs_base(config) -> bool:
+  """Whether config.method's loss reads the frozen base's logits (its KL anchor)."""
+  return registry.get(config.method).needs_base(config)
+
+
 def make_update_fn(
   config,
   mesh,
