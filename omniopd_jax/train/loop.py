@@ -135,8 +135,9 @@ def train(rt: setup_lib.Runtime, state):
     if unfinished is not None:  # its update is in `state`: record it before checkpointing
       with contextlib.suppress(StopTraining):
         finish_step(rt, state, unfinished)
-    rt.checkpointer.maybe_save(int(state.step), state, meta(rt, last_data_state), force=True)
-    rt.checkpointer.wait()
+    if int(state.step) > 0:  # step 0 is the base model: nothing to save
+      rt.checkpointer.maybe_save(int(state.step), state, meta(rt, last_data_state), force=True)
+      rt.checkpointer.wait()
     stop.reason = f"{stop.reason}\n{resume_hint(rt, int(state.step))}"
     stop.args = (stop.reason,)
     raise
@@ -258,8 +259,8 @@ def resume_hint(rt: setup_lib.Runtime, step: int) -> str:
     command = shlex.join([sys.executable, "-m", "omniopd_jax.main", *sys.argv[1:]])
   else:
     command = f"the same command (same workdir {rt.workdir})"
-  return (f"Checkpointed step {step} in {rt.checkpointer.directory}; fix the cause, then resume "
-          f"with: {command}")  # fmt: skip
+  where = f"Checkpointed step {step} in {rt.checkpointer.directory}" if step else "Nothing trained"
+  return f"{where}; fix the cause, then resume with: {command}"
 
 
 @contextlib.contextmanager
