@@ -11,7 +11,6 @@ from typing import Any
 import flax.struct
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from flax import nnx
 
@@ -115,6 +114,32 @@ def needs_base(config) -> bool:
   return registry.get(config.method).needs_base(config)
 
 
+def make_accumulate_fn(grad_fn, micro: int):
+  """grad_fn over `micro` micro-batches, averaged: the same (loss, aux), grads signature."""
+
+  def accumulate(params, base_params, teacher_params, batch):
+    if micro == 1:
+      return grad_fn(params, base_params, teacher_params, batch)
+    # Strided split: row r goes to micro-batch r % micro, so every micro-batch keeps rows on
+    # every device of the batch axes (a contiguous split would idle most of them).
+    split = jax.tree.map(
+      lambda x: x.reshape(x.shape[0] // micro, micro, *x.shape[1:]).swapaxes(0, 1), batch
+    )
+
+    def body(carry, mb):
+      (loss, aux), grads = grad_fn(params, base_params, teacher_params, mb)
+      return jax.tree.map(jnp.add, carry, ((loss, aux), grads)), None
+
+    zero = jax.eval_shape(
+      lambda: grad_fn(params, base_params, teacher_params, jax.tree.map(lambda x: x[0], split))
+    )
+    zero = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), zero)
+    total, _ = jax.lax.scan(body, zero, split)
+    return jax.tree.map(lambda x: x / micro, total)
+
+  return accumulate
+
+
 def make_update_fn(
   config,
   mesh,
@@ -137,25 +162,7 @@ def make_update_fn(
   loss_fn = make_loss_fn(config, method, graphdef, teacher_graphdef)
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
-  def accumulate(params, base_params, teacher_params, batch):
-    if micro == 1:
-      return grad_fn(params, base_params, teacher_params, batch)
-    # Strided split: row r goes to micro-batch r % micro, so every micro-batch keeps rows on
-    # every device of the batch axes (a contiguous split would idle most of them).
-    split = jax.tree.map(
-      lambda x: x.reshape(x.shape[0] // micro, micro, *x.shape[1:]).swapaxes(0, 1), batch
-    )
-
-    def body(carry, mb):
-      (loss, aux), grads = grad_fn(params, base_params, teacher_params, mb)
-      return jax.tree.map(jnp.add, carry, ((loss, aux), grads)), None
-
-    zero = jax.eval_shape(
-      lambda: grad_fn(params, base_params, teacher_params, jax.tree.map(lambda x: x[0], split))
-    )
-    zero = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), zero)
-    total, _ = jax.lax.scan(body, zero, split)
-    return jax.tree.map(lambda x: x / micro, total)
+  accumulate = make_accumulate_fn(grad_fn, micro)
 
   def update(state: TrainState, base_params, batch, teacher_params=None):
     batch = method.prepare_batch(config, batch)  # the global batch, before any micro-split
@@ -179,31 +186,16 @@ def make_update_fn(
     return new_state, metrics
 
   shardings = state_shardings(abstract_state, mesh, rules)
-  base_shardings = shardings.params
-  batch_sharding = sharding.batch_sharding(mesh, 1, rules).spec[0]
-
-  def batch_shardings(batch):
-    return jax.tree.map(
-      lambda x: jax.sharding.NamedSharding(
-        mesh, jax.sharding.PartitionSpec(batch_sharding, *([None] * (x.ndim - 1)))
-      ),
-      batch,
-    )
-
   jitted = jax.jit(update, donate_argnums=0, out_shardings=(shardings, None))
 
   def call(state, base_params, batch, teacher_params=None):
     if _is_host(batch):  # this process's rows -> one global batch (any number of processes)
-      batch = jax.tree.map(
-        lambda x, sh: jax.make_array_from_process_local_data(sh, np.asarray(x)),
-        batch,
-        batch_shardings(batch),
-      )
+      batch = jax.tree.map(lambda x: sharding.global_batch(x, mesh, rules), batch)
     return jitted(state, base_params, batch, teacher_params)
 
   call.jitted = jitted
   call.shardings = shardings
-  call.base_shardings = base_shardings
+  call.base_shardings = shardings.params
   call.tx = tx
   return call
 
