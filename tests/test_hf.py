@@ -193,3 +193,14 @@ def test_smollm2_chat_prompts_match_transformers(smollm2_dir):
   assert np.abs(ours - ref)[mask].max() < 5e-4  # |logits| up to ~40: fp32 summation order
   assert np.abs(ours - ref)[:, -1].max() < 1e-4  # the next-token distribution itself
   assert (ours[:, -1].argmax(-1) == ref[:, -1].argmax(-1)).all()
+
+
+def test_eos_token_ids_from_tokenizer_config_and_generation_config(tmp_path):
+  class Tok:
+    eos_token_id = 2
+
+  (tmp_path / "config.json").write_text(json.dumps({"eos_token_id": 7}))
+  (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 9]}))
+  assert hf.eos_token_ids(Tok(), str(tmp_path)) == (2, 7, 9)
+  assert hf.eos_token_ids(Tok(), str(tmp_path), hf_config={"eos_token_id": None}) == (2, 9)
+  assert hf.eos_token_ids(Tok()) == (2,)
