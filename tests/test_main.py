@@ -224,3 +224,22 @@ def test_bad_config_fails_clearly(flag, message, tmp_path):
   out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
   assert out.returncode != 0
   assert message in out.stderr + out.stdout
+
+
+def test_setup_picks_models_from_config_fields_not_variant_names(tmp_path):
+  from omniopd_jax.configs import math as math_config
+  from omniopd_jax.train import setup
+
+  config = math_config.get_config()  # variant "default"
+  config.model.build_demo_models = "tiny"
+  student, teacher = setup.resolve_models(config, str(tmp_path))
+  assert student == str(tmp_path / "models" / "student")
+  assert teacher == str(tmp_path / "models" / "teacher")
+  assert os.path.exists(os.path.join(teacher, "config.json"))
+  config.model.build_demo_models = ""
+  with pytest.raises(ValueError, match="student_path is empty"):
+    setup.resolve_models(config, str(tmp_path))
+  smoke = math_config.get_config("smoke")
+  smoke.model.build_demo_models = "nonsense"
+  with pytest.raises(ValueError, match="build_demo_models"):
+    setup.resolve_models(smoke, str(tmp_path / "other"))
