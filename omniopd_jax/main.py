@@ -10,6 +10,7 @@ SLURM (detected), and `jax.distributed.initialize` is called before anything tou
 """
 
 import os
+import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -57,7 +58,11 @@ def main(argv):
     f"method={FLAGS.config.method}, workdir={FLAGS.workdir}",
     flush=True,
   )
-  train.run(FLAGS.config, FLAGS.workdir)
+  try:
+    train.run(FLAGS.config, FLAGS.workdir)
+  except train.StopTraining as stop:
+    print(f"omniopd_jax: {stop.reason}", file=sys.stderr, flush=True)
+    sys.exit(stop.exit_code)
 
 
 if __name__ == "__main__":

@@ -27,6 +27,11 @@ DEFAULT_RULES = (
 )
 
 
+def rules_from_config(config_rules) -> tuple:
+  """config.sharding_rules (lists after a JSON/YAML round trip) -> the hashable rules tuple."""
+  return tuple((k, tuple(v) if isinstance(v, list) else v) for k, v in config_rules)
+
+
 def make_mesh(shape: Sequence[tuple[str, int]] | None = None, devices=None) -> jax.sharding.Mesh:
   """A mesh from [(axis, size), ...]; one size may be -1 (all remaining devices).
 

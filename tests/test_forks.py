@@ -168,3 +168,17 @@ def test_select_forks_on_a_sharded_batch():
     assert list(np.asarray(starts)[b][np.asarray(valid)[b]]) == _reference_forks(
       ent[b], mask[b], 2, 3
     )
+
+
+def test_token_logprobs_and_entropy_match_numpy():
+  rng = np.random.default_rng(1)
+  logits = rng.normal(size=(2, 6, 11)).astype(np.float32) * 3
+  targets = rng.integers(0, 11, size=(2, 6))
+  logp, ent = forks.logprob_and_entropy(jnp.asarray(logits), jnp.asarray(targets))
+  z = logits.astype(np.float64)
+  ref = z - z.max(-1, keepdims=True)
+  ref = ref - np.log(np.exp(ref).sum(-1, keepdims=True))  # [2, 6, 11] log-probs
+  np.testing.assert_allclose(
+    np.asarray(logp), np.take_along_axis(ref, targets[..., None], -1)[..., 0], rtol=1e-5, atol=1e-6
+  )
+  np.testing.assert_allclose(np.asarray(ent), -(np.exp(ref) * ref).sum(-1), rtol=1e-5, atol=1e-6)

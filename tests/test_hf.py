@@ -234,3 +234,14 @@ def test_saved_directory_is_complete_and_readable(tmp_path):
   pipe = transformers.pipeline("text-generation", model=out, device="cpu")
   text = pipe("1 + 2 =", max_new_tokens=4, do_sample=False)[0]["generated_text"]
   assert text.startswith("1 + 2 =")
+
+
+def test_eos_token_ids_from_tokenizer_config_and_generation_config(tmp_path):
+  class Tok:
+    eos_token_id = 2
+
+  (tmp_path / "config.json").write_text(json.dumps({"eos_token_id": 7}))
+  (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 9]}))
+  assert hf.eos_token_ids(Tok(), str(tmp_path)) == (2, 7, 9)
+  assert hf.eos_token_ids(Tok(), str(tmp_path), hf_config={"eos_token_id": None}) == (2, 9)
+  assert hf.eos_token_ids(Tok()) == (2,)

@@ -1,11 +1,12 @@
-"""Tests for omniopd_jax.losses: each loss vs a float64 NumPy reference, gradients, masking."""
+"""Tests for the losses (methods/losses.py and each method module): each loss vs a float64 NumPy reference, gradients, masking."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from omniopd_jax.methods import losses
+from omniopd_jax.configs import math as math_config
+from omniopd_jax.methods import base, grpo, losses, omniopd, opd, registry, sft
 
 B, T, V = 3, 9, 13
 
@@ -47,7 +48,7 @@ def batch():
 
 
 def test_chunk_token_weights_matches_loop(batch):
-  tw, aud = losses.chunk_token_weights(batch["starts"], batch["valid"], batch["weights"], 3, T)
+  tw, aud = omniopd.chunk_token_weights(batch["starts"], batch["valid"], batch["weights"], 3, T)
   exp_w = np.zeros((B, T), np.float32)
   exp_a = np.zeros((B, T), bool)
   for b in range(B):
@@ -78,8 +79,8 @@ def _np_omniopd(batch, tw, aud, beta, reduction, norm, kl_anchor=True):
 )
 @pytest.mark.parametrize("kl_anchor", [True, False])
 def test_omniopd_loss_matches_numpy(batch, reduction, norm, kl_anchor):
-  tw, aud = losses.chunk_token_weights(batch["starts"], batch["valid"], batch["weights"], 3, T)
-  loss, aux = losses.omniopd_loss(
+  tw, aud = omniopd.chunk_token_weights(batch["starts"], batch["valid"], batch["weights"], 3, T)
+  loss, aux = omniopd.omniopd_loss(
     jnp.asarray(batch["logits"]),
     jnp.asarray(batch["base"]),
     jnp.asarray(batch["targets"]),
@@ -104,11 +105,11 @@ def test_omniopd_loss_matches_numpy(batch, reduction, norm, kl_anchor):
 
 
 def test_omniopd_gradient_matches_analytic(batch):
-  tw, aud = losses.chunk_token_weights(batch["starts"], batch["valid"], batch["weights"], 3, T)
+  tw, aud = omniopd.chunk_token_weights(batch["starts"], batch["valid"], batch["weights"], 3, T)
   beta, norm = 0.3, 4.0
 
   def f(logits):
-    return losses.omniopd_loss(
+    return omniopd.omniopd_loss(
       logits,
       jnp.asarray(batch["base"]),
       jnp.asarray(batch["targets"]),
@@ -133,11 +134,11 @@ def test_omniopd_gradient_matches_analytic(batch):
 
 
 def test_masks_and_padding_change_nothing_they_should_not(batch):
-  tw, aud = losses.chunk_token_weights(batch["starts"], batch["valid"], batch["weights"], 3, T)
+  tw, aud = omniopd.chunk_token_weights(batch["starts"], batch["valid"], batch["weights"], 3, T)
 
   def loss_of(logits, base, targets, mask, tw, aud, reduction):
     return float(
-      losses.omniopd_loss(
+      omniopd.omniopd_loss(
         jnp.asarray(logits),
         jnp.asarray(base),
         jnp.asarray(targets),
@@ -190,13 +191,13 @@ def test_masks_and_padding_change_nothing_they_should_not(batch):
       ref, rel=1e-6
     )
   with pytest.raises(ValueError, match="base_logits"):
-    losses.omniopd_loss(batch["logits"], None, batch["targets"], batch["mask"], tw, aud, beta=0.1)
-  no_anchor, _ = losses.omniopd_loss(
+    omniopd.omniopd_loss(batch["logits"], None, batch["targets"], batch["mask"], tw, aud, beta=0.1)
+  no_anchor, _ = omniopd.omniopd_loss(
     batch["logits"], None, batch["targets"], batch["mask"], tw, aud, beta=0.1, kl_anchor=False
   )
   assert np.isfinite(float(no_anchor))
   with pytest.raises(ValueError, match="reduction"):
-    losses.omniopd_loss(
+    omniopd.omniopd_loss(
       batch["logits"],
       batch["base"],
       batch["targets"],
@@ -209,9 +210,9 @@ def test_masks_and_padding_change_nothing_they_should_not(batch):
 
 
 def test_kl_on_audited_anchors_every_token(batch):
-  tw, aud = losses.chunk_token_weights(batch["starts"], batch["valid"], batch["weights"], 3, T)
+  tw, aud = omniopd.chunk_token_weights(batch["starts"], batch["valid"], batch["weights"], 3, T)
   args = (batch["logits"], batch["base"], batch["targets"], batch["mask"], tw * 0.0, aud)
-  loss, _ = losses.omniopd_loss(*args, beta=1.0, reduction="token_mean", kl_on_audited=True)
+  loss, _ = omniopd.omniopd_loss(*args, beta=1.0, reduction="token_mean", kl_on_audited=True)
   lp, blp = _np_log_softmax(batch["logits"]), _np_log_softmax(batch["base"])
   kl = (np.exp(blp) * (blp - lp)).sum(-1)
   np.testing.assert_allclose(float(loss), kl[batch["mask"]].mean(), rtol=1e-5)
@@ -223,7 +224,7 @@ def test_opd_sampled_loss(batch):
   mask = batch["mask"]
 
   def f(logits):
-    return losses.opd_sampled_loss(
+    return opd.opd_sampled_loss(
       logits, batch["targets"], jnp.asarray(teacher_lp), mask, reduction="token_mean"
     )
 
@@ -248,7 +249,7 @@ def test_opd_full_kl_loss(batch):
   teacher = batch["base"]
 
   def f(logits):
-    return losses.opd_full_kl_loss(logits, jnp.asarray(teacher), mask, norm_constant=5.0)[0]
+    return opd.opd_full_kl_loss(logits, jnp.asarray(teacher), mask, norm_constant=5.0)[0]
 
   loss, grad = jax.value_and_grad(f)(jnp.asarray(batch["logits"]))
   lp, tlp = _np_log_softmax(batch["logits"]), _np_log_softmax(teacher)
@@ -259,21 +260,21 @@ def test_opd_full_kl_loss(batch):
   expected = p * (lp - tlp - kl[..., None]) * mask[..., None] / (5.0 * 2)
   np.testing.assert_allclose(np.asarray(grad), expected, rtol=1e-4, atol=1e-7)
   with pytest.raises(ValueError, match="same tokenizer"):
-    losses.opd_full_kl_loss(batch["logits"], teacher[..., :-1], mask)
+    opd.opd_full_kl_loss(batch["logits"], teacher[..., :-1], mask)
 
 
 def test_grpo_advantages_and_loss(batch):
   rewards = np.array([1.0, 0.0, 0.0, 0.5, 0.5, 0.5], np.float32)
-  adv = np.asarray(losses.grpo_advantages(rewards, 3))
+  adv = np.asarray(grpo.group_advantages(rewards, 3))
   r = rewards.reshape(2, 3)
   ref = ((r - r.mean(1, keepdims=True)) / (r.std(1, keepdims=True) + 1e-6)).reshape(-1)
   np.testing.assert_allclose(adv, ref, rtol=1e-5, atol=1e-6)
   assert np.all(adv[3:] == 0)  # all-equal rewards: no signal, no NaN
   np.testing.assert_allclose(
-    np.asarray(losses.grpo_advantages(rewards, 3, normalize_std=False))[:3], [2 / 3, -1 / 3, -1 / 3]
+    np.asarray(grpo.group_advantages(rewards, 3, normalize_std=False))[:3], [2 / 3, -1 / 3, -1 / 3]
   )
   with pytest.raises(ValueError, match="multiple"):
-    losses.grpo_advantages(rewards, 4)
+    grpo.group_advantages(rewards, 4)
 
   rng = np.random.default_rng(3)
   lp = _np_log_softmax(batch["logits"])
@@ -283,7 +284,7 @@ def test_grpo_advantages_and_loss(batch):
   )  # ratios both inside and outside the clip
   advantages = np.array([1.5, -0.7, 2.0], np.float32)
   mask = batch["mask"]
-  loss, aux = losses.grpo_loss(
+  loss, aux = grpo.grpo_loss(
     batch["logits"],
     old,
     batch["targets"],
@@ -303,7 +304,7 @@ def test_grpo_advantages_and_loss(batch):
   clip_frac = (np.abs(ratio - 1) > 0.2)[mask].mean()
   assert 0 < clip_frac < 1
   np.testing.assert_allclose(float(aux["grpo/clip_frac"]), clip_frac, rtol=1e-6)
-  no_kl, aux2 = losses.grpo_loss(
+  no_kl, aux2 = grpo.grpo_loss(
     batch["logits"], old, batch["targets"], mask, advantages, beta=0.05, kl_anchor=False
   )
   np.testing.assert_allclose(
@@ -316,12 +317,12 @@ def test_sft_loss(batch):
   mask = batch["mask"]
   lp = _np_log_softmax(batch["logits"])
   nll = -np.take_along_axis(lp, batch["targets"][..., None], -1)[..., 0]
-  loss, aux = losses.sft_loss(jnp.asarray(batch["logits"], jnp.bfloat16), batch["targets"], mask)
+  loss, aux = sft.sft_loss(jnp.asarray(batch["logits"], jnp.bfloat16), batch["targets"], mask)
   lp16 = _np_log_softmax(np.asarray(jnp.asarray(batch["logits"], jnp.bfloat16).astype(jnp.float32)))
   nll16 = -np.take_along_axis(lp16, batch["targets"][..., None], -1)[..., 0]
   np.testing.assert_allclose(float(loss), nll16[mask].mean(), rtol=1e-5)  # computed in float32
   assert loss.dtype == jnp.float32
-  seq, _ = losses.sft_loss(
+  seq, _ = sft.sft_loss(
     batch["logits"], batch["targets"], mask, reduction="sequence_sum", norm_constant=3.0
   )
   np.testing.assert_allclose(float(seq), _np_reduce(nll, mask, "sequence_sum", 3.0), rtol=1e-5)
@@ -333,11 +334,45 @@ def test_losses_jit():
   logits = jnp.asarray(rng.normal(size=(2, 4, 5)), jnp.float32)
   targets = jnp.zeros((2, 4), jnp.int32)
   mask = jnp.ones((2, 4), bool)
-  tw, aud = losses.chunk_token_weights(
+  tw, aud = omniopd.chunk_token_weights(
     jnp.array([[1], [0]]), jnp.array([[True], [False]]), jnp.array([[0.5], [0.0]]), 2, 4
   )
-  fn = jax.jit(lambda z, b: losses.omniopd_loss(z, b, targets, mask, tw, aud, beta=0.1))
+  fn = jax.jit(lambda z, b: omniopd.omniopd_loss(z, b, targets, mask, tw, aud, beta=0.1))
   loss, aux = fn(logits, logits)
   assert np.isfinite(float(loss)) and float(aux["kl/unaudited_mean"]) == pytest.approx(
     0.0, abs=1e-6
   )
+
+
+def test_centered_weights_on_device_use_the_global_audited_mean():
+  config = math_config.get_config("smoke")
+  config.omniopd.weight_form = "centered"
+  seq = base.Sequences(*(np.zeros((2, 3), np.int32) for _ in range(4)))
+  batch = omniopd.OmniOPDBatch(
+    seq=seq, fork_starts=np.zeros((2, 2), np.int32),
+    fork_mask=np.array([[True, False], [True, True]]),
+    fork_weight=np.array([[0.9, 7.0], [0.3, 0.6]], np.float32),
+  )  # fmt: skip
+  got = jax.jit(lambda b: omniopd.center_fork_weights(config, b))(batch)
+  np.testing.assert_allclose(np.asarray(got.fork_weight), [[0.3, 0.0], [-0.3, 0.0]], atol=1e-6)
+  config.omniopd.weight_form = "pi_hat"
+  assert omniopd.center_fork_weights(config, batch) is batch
+
+
+def test_registry_maps_every_method_and_refuses_unknown_ones():
+  assert sorted(registry.METHODS) == ["grpo", "omniopd", "opd", "sft"]
+  for name, method in registry.METHODS.items():
+    assert method.name == name and callable(method.collect) and callable(method.loss)
+  with pytest.raises(ValueError, match="choose from"):
+    registry.get("ppo")
+
+
+def test_sft_targets():
+  example = {"question": "1 + 2 =", "answer": "3", "task": "chain_sum",
+             "metadata": {"expression": "1 + 2"}}  # fmt: skip
+  assert sft.target_text(example, "answer") == "Answer: 3"
+  assert sft.target_text(example, "worked").endswith("Answer: 3")
+  with pytest.raises(ValueError, match="worked solutions exist"):
+    sft.target_text({**example, "task": "gsm8k"}, "worked")
+  with pytest.raises(ValueError, match="choose from"):
+    sft.target_text(example, "teacher")

@@ -8,6 +8,8 @@ from flax import nnx
 
 from omniopd_jax import sharding
 from omniopd_jax.configs import math as math_config
+from omniopd_jax.methods import base as methods_base
+from omniopd_jax.methods import grpo, omniopd, opd, sft
 from omniopd_jax.models import lm as model_lib
 from omniopd_jax.train import step as train_step
 
@@ -33,25 +35,29 @@ def make_config(method, **overrides):
   return config
 
 
-def make_batch(seed=0):
+def make_batch(method="omniopd", seed=0, full_response=False):
+  """A random typed batch of `method` (B rows, prompt P, response L)."""
   rng = np.random.RandomState(seed)
   tokens = rng.randint(0, TINY.vocab_size, size=(B, P + L)).astype(np.int32)
   mask = np.ones((B, P + L), bool)
   mask[:, :2] = rng.rand(B, 2) < 0.5  # some left padding
   response_mask = np.arange(L)[None] < rng.randint(4, L + 1, size=(B, 1))
+  if full_response:  # equal token counts per micro-batch: means agree exactly
+    response_mask[:] = True
   mask[:, P:] = response_mask
-  return {
-    "tokens": tokens,
-    "attention_mask": mask,
-    "response_tokens": tokens[:, P:],
-    "response_mask": response_mask,
-    "fork_starts": np.tile(np.array([[0, 4]], np.int32), (B, 1)),
-    "fork_mask": rng.rand(B, M) < 0.7,
-    "fork_weight": rng.rand(B, M).astype(np.float32) - 0.3,
-    "teacher_logprobs": -rng.rand(B, L).astype(np.float32),
-    "old_logprobs": -rng.rand(B, L).astype(np.float32) - 1.0,
-    "advantages": rng.randn(B).astype(np.float32),
-  }
+  seq = methods_base.Sequences(tokens, mask, tokens[:, P:], response_mask)
+  fork_mask, fork_weight = rng.rand(B, M) < 0.7, rng.rand(B, M).astype(np.float32) - 0.3
+  teacher_logprobs = -rng.rand(B, L).astype(np.float32)
+  old_logprobs = -rng.rand(B, L).astype(np.float32) - 1.0
+  advantages = rng.randn(B).astype(np.float32)
+  if method == "omniopd":
+    starts = np.tile(np.array([[0, 4]], np.int32), (B, 1))
+    return omniopd.OmniOPDBatch(seq, starts, fork_mask, fork_weight)
+  if method == "opd":
+    return opd.OPDBatch(seq, teacher_logprobs)
+  if method == "grpo":
+    return grpo.GRPOBatch(seq, advantages, old_logprobs)
+  return sft.SFTBatch(seq)
 
 
 def setup(config, mesh):
@@ -81,7 +87,7 @@ def test_every_method_updates_and_compiles_once(method, extra):
 
   first = None
   for step in range(2):
-    state, metrics = update(state, base, make_batch(step), teacher)
+    state, metrics = update(state, base, make_batch(method, step), teacher)
     metrics = jax.device_get(metrics)
     assert np.isfinite(metrics["train/loss"]) and metrics["train/grad_norm"] > 0
     first = first if first is not None else metrics["train/loss"]
@@ -102,7 +108,7 @@ def test_omniopd_zero_weights_and_no_forks_is_pure_kl():
   mesh = sharding.make_mesh([("data", -1), ("fsdp", 1), ("tensor", 1)])
   update, state, base, _ = setup(config, mesh)
   batch = make_batch()
-  batch["fork_mask"][:] = False
+  batch.fork_mask[:] = False
   _, metrics = update(state, base, batch)
   assert abs(float(metrics["train/loss"])) < 1e-6
   assert float(metrics["train/grad_norm"]) < 1e-5
@@ -114,9 +120,7 @@ def test_micro_batches_match_one_batch():
   for micro in (1, 2):
     config = make_config("sft", micro_batches=micro)
     update, state, base, _ = setup(config, mesh)
-    batch = make_batch()
-    batch["response_mask"][:] = True  # equal token counts per micro-batch: means agree exactly
-    batch["attention_mask"][:, P:] = True
+    batch = make_batch("sft", full_response=True)
     state, metrics = update(state, base, batch)
     results.append((float(metrics["train/loss"]), jax.tree.map(np.asarray, state.params)))
   assert abs(results[0][0] - results[1][0]) < 1e-5
@@ -129,8 +133,8 @@ def test_non_finite_loss_keeps_the_last_good_state():
   mesh = sharding.make_mesh([("data", -1), ("fsdp", 1), ("tensor", 1)])
   update, state, base, _ = setup(config, mesh)
   before = jax.tree.map(np.asarray, state.params)
-  batch = make_batch()
-  batch["advantages"][0] = np.nan
+  batch = make_batch("grpo")
+  batch.advantages[0] = np.nan
   state, metrics = update(state, base, batch)
   assert not bool(metrics["train/loss_finite"])
   for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(state.params)):

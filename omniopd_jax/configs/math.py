@@ -48,6 +48,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model.param_dtype = "float32"  # trained parameter dtype
   c.model.base_dtype = "float32"  # frozen base copy; bfloat16 halves its memory
   c.model.tokenizer_path = ""  # defaults to student_path
+  # Build the student/teacher pair in <workdir>/models (experiments.demo_models) instead of
+  # loading student_path: "" no | "tiny" random models (:smoke) | "trained" the demo pair (:demo).
+  c.model.build_demo_models = ""
   c.model.remat = (
     False  # recompute each layer in the backward pass (fits paper scale, see tools.plan)
   )
@@ -99,6 +102,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.teacher.allow_approximate = False  # allow the "instructed" chat mode (no true prefill)
   c.teacher.temperature = 1.0  # Monte Carlo samples
   c.teacher.max_tokens = 0  # 0: omniopd.chunk_len (teacher tokens, its own tokenizer)
+  c.teacher.serve_local = False  # base_url "": serve the teacher model here (a subprocess)
+  c.teacher.max_failed_fraction = 0.1  # stop (checkpoint, exit 1) when more samples of a step fail
   c.teacher.prompts_per_request = 0  # forks packed per HTTP call (0: backend default; 1: seeds
   # then depend only on the fork, so results are identical whatever the batch layout)
 
@@ -112,7 +117,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.grpo.beta = 0.04  # KL anchor weight
 
   c.sft = ml_collections.ConfigDict()
-  c.sft.source = "reference"  # reference (dataset solutions) | teacher (teacher-written)
+  c.sft.target = "answer"  # answer ("Answer: <gold>") | worked (step-by-step, arithmetic tasks)
 
   c.optimizer = ml_collections.ConfigDict()
   c.optimizer.learning_rate = 1e-6  # peak; on-policy methods are very learning-rate sensitive
@@ -142,8 +147,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.demo.sft_batch_size = 32
   c.demo.teacher_lr = 2e-3  # peak; cosine decay to 5%
   c.demo.student_lr = 1e-3
-
-  c.smoke_serve_teacher = False  # smoke/demo: start our own teacher server when base_url is ""
 
   if "smoke" in variants:
     _smoke(c)
@@ -189,11 +192,12 @@ def _smoke(c):
   c.checkpoint_every = 2
   c.eval_every = 0
   c.model.student_path = ""  # built in <workdir>/models by omniopd_jax.experiments.demo_models
+  c.model.build_demo_models = "tiny"
   c.rollout.max_new_tokens = 32
   c.omniopd.update(num_forks=2, chunk_len=8, num_teacher_samples=3)
   c.scoring.phi = "edit"
   c.teacher.base_url = ""  # "": start omniopd_jax.serve on the smoke teacher
-  c.smoke_serve_teacher = True
+  c.teacher.serve_local = True
   # One fork per HTTP call: each fork's samples then depend on its own seed only, so a resumed run
   # (whose first step may be partly in the teacher cache) asks for exactly the same samples.
   c.teacher.prompts_per_request = 1
@@ -208,11 +212,13 @@ def _smoke(c):
   c.eval.batch_size = 16
   c.optimizer.learning_rate = 1e-4
   c.optimizer.warmup_steps = 1
+  c.sft.target = "worked"  # chain_sum has step-by-step solutions
 
 
 def _demo(c):
   """The README's first command: a real end-to-end run on the 2-core CPU in under 15 minutes."""
   _smoke(c)
+  c.model.build_demo_models = "trained"
   c.num_steps = 200  # ~5 min (60 steps showed no gain at seed 0 once scoring was fixed)
   c.batch_size = 32
   c.checkpoint_every = 50

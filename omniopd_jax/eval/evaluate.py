@@ -178,24 +178,30 @@ def evaluate(
   return metrics
 
 
-def sampler_generate_fn(model, tokenizer, mesh=None) -> GenerateFn:
-  """A generate_fn over omniopd_jax.sampler for a Flax model; stops at the tokenizer's EOS."""
+def sampler_generate_fn(
+  model, tokenizer, mesh=None, *, eos_ids=None, rules=None, prompt_len: int | None = None
+) -> GenerateFn:
+  """A generate_fn over rollout.sampler for a Flax model (the one used by training and the CLI).
+
+  Stops at `eos_ids` (default: the tokenizer's EOS). With `prompt_len`, prompts are
+  left-truncated to it and padded to exactly it: one static shape for every call (and process).
+  """
+  from omniopd_jax import sharding
+  from omniopd_jax.methods import base
   from omniopd_jax.rollout import sampler
 
-  eos_ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else None
+  if eos_ids is None:
+    eos_ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else None
   pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
   def generate_fn(prompts, max_new_tokens, temperature, seed):
+    if prompt_len is not None:
+      prompts, _ = base.left_truncate(prompts, prompt_len)
     rollout = sampler.generate(
-      model,
-      prompts,
-      max_new_tokens=max_new_tokens,
-      temperature=temperature,
-      seed=seed,
-      eos_ids=eos_ids,
-      pad_id=pad_id,
-      mesh=mesh,
-    )
+      model, prompts, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed,
+      eos_ids=eos_ids, pad_id=pad_id, mesh=mesh, rules=rules or sharding.DEFAULT_RULES,
+      prompt_len=prompt_len,
+    )  # fmt: skip
     return [row[mask].tolist() for row, mask in zip(rollout.tokens, rollout.mask)]
 
   return generate_fn

@@ -119,7 +119,7 @@ def prepare_models(workdir: str, config, models: str, quick: bool) -> tuple[str,
     return student, teacher
   if quick:
     config = config.copy_and_resolve_references()
-    config.variant = "smoke"
+    config.model.build_demo_models = "tiny"
   return demo_models.build(workdir, config, log=lambda m: print(m, flush=True))
 
 
@@ -193,7 +193,7 @@ def run_config(base, variant: Variant, *, lr: float, seed: int, steps: int, stud
   """The config of one run: base + the variant's overrides, pointing at the shared models."""
   config = base.copy_and_resolve_references()
   config.unlock()
-  config.variant = "compare"  # not smoke/demo: use the given model paths, build nothing
+  config.model.build_demo_models = ""  # use the given model paths, build nothing
   config.method = variant.method
   config.seed = seed
   config.num_steps = steps
@@ -203,7 +203,7 @@ def run_config(base, variant: Variant, *, lr: float, seed: int, steps: int, stud
   config.model.student_path = student
   config.opd.teacher_path = teacher
   config.teacher.base_url = teacher_url
-  config.smoke_serve_teacher = False
+  config.teacher.serve_local = False
   config.optimizer.learning_rate = lr
   config.optimizer.warmup_steps = max(steps // 10, 1)
   for field, value in (*extra, *variant.overrides):

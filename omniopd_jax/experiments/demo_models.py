@@ -20,6 +20,8 @@ from omniopd_jax import sharding
 from omniopd_jax.data import prompts as data
 from omniopd_jax.data import tasks
 from omniopd_jax.eval import evaluate
+from omniopd_jax.methods import base as methods_base
+from omniopd_jax.methods import sft
 from omniopd_jax.models import hf
 from omniopd_jax.models import lm as model_lib
 from omniopd_jax.train import step as train_step
@@ -97,20 +99,13 @@ def sft_train(model, tokenizer, pairs, *, steps, batch_size, learning_rate, seed
   start = time.time()
   for step in range(steps):
     idx = rng.randint(0, len(pairs), size=batch_size)
-    tokens = np.zeros((batch_size, prompt_len + length), np.int32)  # [B, P + L]
-    mask = np.zeros_like(tokens, bool)
+    responses = np.zeros((batch_size, length), np.int32)  # [B, L]
+    response_mask = np.zeros((batch_size, length), bool)  # [B, L]
     for row, i in enumerate(idx):
-      p, r = pairs[i]
-      tokens[row, prompt_len - len(p) : prompt_len] = p
-      tokens[row, prompt_len : prompt_len + len(r)] = r
-      mask[row, prompt_len - len(p) : prompt_len + len(r)] = True
-    batch = {
-      "tokens": tokens,
-      "attention_mask": mask,
-      "response_tokens": tokens[:, prompt_len:],
-      "response_mask": mask[:, prompt_len:],
-    }
-    state, metrics = update(state, None, batch)
+      r = pairs[i][1]
+      responses[row, : len(r)], response_mask[row, : len(r)] = r, True
+    seq = methods_base.pack([pairs[i][0] for i in idx], responses, response_mask, prompt_len)
+    state, metrics = update(state, None, sft.SFTBatch(seq=seq))
     if step % max(steps // 10, 1) == 0 or step == steps - 1:
       log(f"  sft step {step + 1}/{steps} loss {float(metrics['train/loss']):.4f} "
           f"({time.time() - start:.0f}s)")  # fmt: skip
@@ -144,7 +139,8 @@ def _train(name, sizes, architecture, config, tokenizer, pairs, *, steps, lr, se
 
 
 def build(workdir: str, config, log=print) -> tuple[str, str]:
-  """(student_dir, teacher_dir) for the smoke/demo variants, built once and cached.
+  """(student_dir, teacher_dir) per `config.model.build_demo_models`, built once and cached:
+  "tiny" (the :smoke variant) random models, "trained" (:demo) the pair below.
 
   Demo: `config.demo.teacher_path` / `student_path` name an HF directory to copy ("bundled": the
   pair shipped in omniopd_jax/experiments/assets), or "" to train that model here with `sft_train` (the
@@ -152,7 +148,10 @@ def build(workdir: str, config, log=print) -> tuple[str, str]:
   """
   root = os.path.join(workdir, "models")
   student_dir, teacher_dir = os.path.join(root, "student"), os.path.join(root, "teacher")
-  demo = "demo" in config.variant.split(",")
+  kind = config.model.build_demo_models
+  if kind not in ("tiny", "trained"):
+    raise ValueError(f"config.model.build_demo_models={kind!r}: choose tiny or trained")
+  demo = kind == "trained"
   os.makedirs(root, exist_ok=True)
   tokenizer = make_tokenizer()
   if not demo:

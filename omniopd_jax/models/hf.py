@@ -240,6 +240,33 @@ def load_tokenizer(path: str):
   return AutoTokenizer.from_pretrained(path)
 
 
+def eos_token_ids(tokenizer, path: str | None = None, hf_config: dict | None = None) -> tuple:
+  """Every id that ends a response: the tokenizer's EOS plus `eos_token_id` of config.json and
+  generation_config.json (an int or a list: Qwen's <|im_end|> is only there).
+
+  Args:
+    tokenizer: an HF tokenizer; path: the model directory (its config.json is read unless
+      `hf_config` is given); hf_config: the parsed config.json.
+
+  Returns:
+    sorted tuple of ints.
+  """
+  configs = []
+  if hf_config is not None:
+    configs.append(hf_config)
+  elif path and os.path.exists(os.path.join(path, "config.json")):
+    configs.append(read_hf_config(path))
+  generation = os.path.join(path, "generation_config.json") if path else ""
+  if generation and os.path.exists(generation):
+    with open(generation) as f:
+      configs.append(json.load(f))
+  ids = [] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
+  for cfg in configs:
+    value = cfg.get("eos_token_id")
+    ids.extend(value if isinstance(value, list) else [] if value is None else [value])
+  return tuple(sorted(set(int(i) for i in ids)))
+
+
 def load_pretrained(
   path: str, dtype="float32", param_dtype=None, mesh=None, rules=sharding.DEFAULT_RULES
 ):

@@ -83,37 +83,17 @@ def dirichlet_posterior(k, n_valid, pi_bar, alpha: float) -> tuple[np.ndarray, n
   return np.clip(pi_hat, 0.0, 1.0).astype(np.float32), audited.copy()
 
 
-def empirical_agreement(k, n_valid) -> tuple[np.ndarray, np.ndarray]:
-  """The "no prior" ablation: pi_hat = k / n_valid (alpha = 0), unaudited where n_valid == 0."""
-  return dirichlet_posterior(k, n_valid, 0.0, alpha=0.0)
-
-
 def _audited_mean(x: np.ndarray, audited: np.ndarray) -> float:
   return float(x[audited].mean()) if audited.any() else 0.0
-
-
-def group_advantages(group_pi_hat: np.ndarray, audited: np.ndarray) -> np.ndarray:
-  """Chunk-level GRPO: each draft's pi_hat minus the mean over the K drafts at its fork.
-
-  Args:
-    group_pi_hat: [B, M, K] pi_hat of K drafts per fork (draft 0 = the student's own chunk), all
-      scored against the same teacher samples.
-    audited: [B, M] bool.
-
-  Returns:
-    [B, M, K] float32, 0 at unaudited forks.
-  """
-  group_pi_hat = np.asarray(group_pi_hat, np.float32)
-  adv = group_pi_hat - group_pi_hat.mean(axis=-1, keepdims=True)  # [B, M, K]
-  return np.where(np.asarray(audited, bool)[..., None], adv, 0.0).astype(np.float32)
 
 
 def chunk_weights(pi_hat, audited, form: str, group_pi_hat=None) -> np.ndarray:
   """The chunk weight w_c of the loss, 0 on unaudited chunks.
 
-  Forms: "pi_hat" (the paper's reconstruction, all non-negative); "centered": pi_hat minus its
-  mean over the audited chunks of this batch (this host's rows); "group": pi_hat minus the mean
-  over the K drafts at the same fork (`group_pi_hat` [B, M, K], draft 0 = the own chunk).
+  Forms: "pi_hat" (the paper's reconstruction, all non-negative); "centered": pi_hat here, centred
+  on the device over the global batch (methods.omniopd.center_fork_weights, the one place the
+  centred weight is computed); "group": pi_hat minus the mean over the K drafts at the same fork
+  (`group_pi_hat` [B, M, K], draft 0 = the own chunk).
 
   Args:
     pi_hat, audited: [B, M] from dirichlet_posterior.
@@ -123,10 +103,8 @@ def chunk_weights(pi_hat, audited, form: str, group_pi_hat=None) -> np.ndarray:
   """
   pi_hat = np.asarray(pi_hat, np.float32)
   audited = np.asarray(audited, bool)
-  if form == "pi_hat":
+  if form in ("pi_hat", "centered"):
     w = pi_hat
-  elif form == "centered":
-    w = pi_hat - _audited_mean(pi_hat, audited)
   elif form == "group":
     if group_pi_hat is None or np.shape(group_pi_hat)[:-1] != pi_hat.shape:
       raise ValueError(

@@ -1,4 +1,7 @@
-"""Token entropy and fork selection (device side, jittable): where the teacher is asked to audit.
+"""Token statistics and fork selection (device side, jittable): where the teacher is asked to audit.
+
+`token_logprobs` and `token_entropy` are the one definition of a token's log-prob and its
+distribution's entropy: the sampler, the losses and fork selection all call them.
 
 A fork is the start t of a chunk of C student tokens y_t..y_{t+C-1}; the teacher continues the
 response from just before y_t. Positions index the generated tokens (0 = first generated token).
@@ -12,13 +15,21 @@ import jax.numpy as jnp
 METHODS = ("peak", "random")
 
 
+def token_logprobs(logits: jax.Array, targets: jax.Array) -> jax.Array:
+  """log p(targets) in float32: [..., V], [...] -> [...].
+
+  Float32 because bf16 log-probs are off by ~1e-2 nats.
+  """
+  logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)  # [..., V]
+  return jnp.take_along_axis(logp, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
+
+
 def token_entropy(logits: jax.Array) -> jax.Array:
-  """Full-vocabulary entropy H = logsumexp(z) - sum_v softmax(z)_v * z_v, in float32.
+  """Full-vocabulary entropy H = -sum_v p_v log p_v of softmax(logits), in float32.
 
   Float32 because bf16 logits lose the small probabilities that make up most of the entropy.
-  z is shifted by its max first: with unshifted logits near 1e4, the float32 rounding of
-  logsumexp alone moves sum softmax(z) * z by whole nats. Entries at -inf (masked or padded
-  vocabulary) contribute 0.
+  log_softmax shifts z by its max first, so logits near 1e4 lose nothing to rounding. Entries at
+  -inf (masked or padded vocabulary) contribute 0.
 
   Args:
     logits: [..., V] any float dtype, temperature-1 logits.
@@ -26,12 +37,14 @@ def token_entropy(logits: jax.Array) -> jax.Array:
   Returns:
     [...] float32 entropy in nats.
   """
-  z = logits.astype(jnp.float32)  # [..., V]
-  z = z - jax.lax.stop_gradient(z.max(axis=-1, keepdims=True))
-  lse = jax.nn.logsumexp(z, axis=-1, keepdims=True)  # [..., 1]
-  p = jnp.exp(z - lse)  # [..., V]
-  pz = jnp.where(p > 0, p * z, 0.0)  # 0 * -inf would be NaN
-  return lse[..., 0] - pz.sum(axis=-1)
+  logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)  # [..., V]
+  p = jnp.exp(logp)  # [..., V]
+  return -jnp.where(p > 0, p * logp, 0.0).sum(axis=-1)  # 0 * -inf would be NaN
+
+
+def logprob_and_entropy(logits: jax.Array, tokens: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """(log p(token), entropy of softmax(logits)), both float32: [..., V], [...] -> [...], [...]."""
+  return token_logprobs(logits, tokens), token_entropy(logits)
 
 
 def _greedy_non_overlapping(keys, eligible, num_forks, chunk_len):

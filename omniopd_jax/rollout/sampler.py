@@ -17,6 +17,7 @@ from jax.sharding import NamedSharding
 
 from omniopd_jax import sharding
 from omniopd_jax.models import lm as model_lib
+from omniopd_jax.rollout import forks
 
 # Prompt lengths and batch sizes are rounded up to one of these (then to multiples of the largest),
 # so a training run compiles a handful of programs; the padding wasted is at most a third.
@@ -103,14 +104,6 @@ def pad_prompts(
     tokens[i, p - len(ids) :] = np.asarray(ids, np.int32)
     mask[i, p - len(ids) :] = True
   return tokens, mask
-
-
-def logprob_and_entropy(logits, tokens):
-  """log p(token) and the entropy of softmax(logits), float32. logits: [..., V], tokens: [...]."""
-  logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)  # [..., V]
-  entropy = -jnp.sum(jnp.exp(logp) * logp, axis=-1)  # [...]
-  picked = jnp.take_along_axis(logp, tokens[..., None], axis=-1)[..., 0]  # [...]
-  return picked, entropy
 
 
 def filter_logits(logits, top_k: int = 0, top_p: float = 1.0):
@@ -216,7 +209,7 @@ def make_generate_fn(
 
     def emit(step, logits, done, out):
       token = sample_tokens(logits, jax.random.fold_in(key, step), opts)  # [N]
-      logprob, entropy = logprob_and_entropy(logits, token)  # [N], [N]
+      logprob, entropy = forks.logprob_and_entropy(logits, token)  # [N], [N]
       live = ~done
       out = {
         "tokens": out["tokens"].at[:, step].set(jnp.where(live, token, opts.pad_id)),

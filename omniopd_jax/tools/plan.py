@@ -9,36 +9,8 @@ Nothing is allocated and no device is needed: parameters come from `nnx.eval_sha
 model, optimizer state from `jax.eval_shape` of the real optimizer on them, per-device sizes from
 the real PartitionSpecs (train_step.state_shardings, sharding.logical_to_spec) on an AbstractMesh.
 
-What is counted, per device (b = rollout rows per device, u = update rows per device per
-micro-batch, P = bucketed max_prompt_len, L = rollout.max_new_tokens, T = P + L - 1, n = layers,
-E/F/D = hidden/ffn/head dims, H/K/V = query heads, kv heads, vocab per device after tensor
-sharding, c = compute-dtype bytes):
-  resident (the whole run)
-    trainable parameters   exact, param_dtype
-    optimizer state        exact (AdamW mu, nu and step counts)
-    frozen base parameters exact, base_dtype; only when the method has a KL anchor
-  rollout phase (the sampler's jitted program; freed before the update)
-    KV cache               b x (P + L) x n x 2 x K x D x c, for the largest of: training rollouts
-                           (batch_size rows), eval (eval.batch_size rows), group drafts
-                           (batch_size x num_forks x num_drafts rows, prefix P + L, + chunk_len)
-    rollout temporaries    b x (2 x V + H x P x (P + L)) x 4: float32 logits and log-softmax of one
-                           decode step, and one layer's float32 prefill attention scores
-  update phase (the jitted train step)
-    gradients              exact, param_dtype; x2 with micro_batches > 1 (the scan's accumulator)
-    logits                 u x L x V x 4 x (3 + 3 if base + 3 if in-process teacher): float32
-                           logits, log-softmax and their gradient; base (teacher) logits,
-                           log-softmax and probabilities for the exact KL
-    layer activations      n x u x T x [(4E + 3HD + 3KD + 4F) x c + H x T x (12 + c)]: what each
-                           layer saves for the backward pass without remat (residual, two norm
-                           outputs, q/k before and after RoPE, v, attention output, gate, up, silu,
-                           product; the naive attention's float32 scores, masked scores and
-                           softmax, and the probabilities in c). With remat (a truthy
-                           config.model.remat, or --remat as a what-if: jax.checkpoint around each
-                           decoder layer): n x u x T x E x c (layer inputs) + one layer's set
-  peak = resident + max(rollout phase, update phase)
-The update lines are estimates: against XLA's temporaries for the compiled step on CPU (`--compile`)
-they came within ~10% on one device and ~25% under on an 8-way CPU mesh (resharding copies). The
-headroom (default 10%) covers some of that; `--compile` on the target backend gives its own numbers.
+What is counted per device (parameters, optimizer state, frozen base, KV cache, logits, layer
+activations, with and without remat) and how well the estimates held: docs/memory_model.md.
 """
 
 import dataclasses
@@ -55,6 +27,7 @@ from flax import nnx
 from ml_collections import config_flags
 
 from omniopd_jax import sharding
+from omniopd_jax.methods import registry
 from omniopd_jax.models import hf
 from omniopd_jax.models import lm as model
 from omniopd_jax.rollout import sampler
@@ -330,7 +303,7 @@ def plan(config, cfg: model.ModelConfig, mesh_sizes: dict[str, int], remat: bool
 
 
 def _rules(config) -> tuple:
-  return tuple((k, tuple(v) if isinstance(v, list) else v) for k, v in config.sharding_rules)
+  return sharding.rules_from_config(config.sharding_rules)
 
 
 def _targets(table, name):
@@ -361,28 +334,13 @@ def min_micro_batches(config, cfg, mesh_sizes, accelerator, headroom=0.1, remat=
   return None
 
 
-def update_batch_shapes(config) -> dict[str, jax.ShapeDtypeStruct]:
-  """The update step's global batch for `config.method`, as train_step.method_loss reads it."""
+def update_batch_shapes(config):
+  """The update step's global batch for `config.method`: its typed batch of ShapeDtypeStructs."""
   b, length = config.batch_size, config.rollout.max_new_tokens
-  total = sampler.bucket(config.max_prompt_len, sampler.PROMPT_BUCKETS) + length
-  s = jax.ShapeDtypeStruct
-  batch = dict(
-    tokens=s((b, total), jnp.int32),
-    attention_mask=s((b, total), jnp.bool_),
-    response_tokens=s((b, length), jnp.int32),
-    response_mask=s((b, length), jnp.bool_),
-  )
-  if config.method == "omniopd":
-    m = config.omniopd.num_forks
-    batch.update(fork_starts=s((b, m), jnp.int32), fork_mask=s((b, m), jnp.bool_),
-                 fork_weight=s((b, m), jnp.float32))  # fmt: skip
-  elif config.method == "opd":
-    if config.opd.estimator == "full_vocab":
-      raise ValueError("--compile does not build the in-process teacher of opd full_vocab")
-    batch.update(teacher_logprobs=s((b, length), jnp.float32))
-  elif config.method == "grpo":
-    batch.update(old_logprobs=s((b, length), jnp.float32), advantages=s((b,), jnp.float32))
-  return batch
+  prompt_len = sampler.bucket(config.max_prompt_len, sampler.PROMPT_BUCKETS)
+  if config.method == "opd" and config.opd.estimator == "full_vocab":
+    raise ValueError("--compile does not build the in-process teacher of opd full_vocab")
+  return registry.get(config.method).abstract_batch(config, b, prompt_len, length)
 
 
 def compiled_update_memory(config, cfg: model.ModelConfig, mesh_sizes: dict[str, int]) -> dict:
@@ -416,10 +374,12 @@ def compiled_update_memory(config, cfg: model.ModelConfig, mesh_sizes: dict[str,
   base = None
   if train_step.needs_base(config):
     base = placed(params, update.base_shardings, jnp.dtype(config.model.base_dtype))
-  batch = {
-    k: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding.batch_sharding(mesh, x.ndim, rules))
-    for k, x in update_batch_shapes(config).items()
-  }
+  batch = jax.tree.map(
+    lambda x: jax.ShapeDtypeStruct(
+      x.shape, x.dtype, sharding=sharding.batch_sharding(mesh, x.ndim, rules)
+    ),
+    update_batch_shapes(config),
+  )
   compiled = update.jitted.lower(placed(state, update.shardings), base, batch).compile()
   ma = compiled.memory_analysis()
   names = ("argument", "output", "alias", "temp")

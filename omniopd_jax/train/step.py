@@ -1,7 +1,7 @@
 """The functional, sharded train step: `update(state, base_params, batch) -> (state, metrics)`.
 
-One jitted function serves every method (`config.method` in omniopd | opd | grpo | sft); the method
-is static, so it compiles once. The state is donated; the frozen base parameters are an argument
+One jitted function serves every method (`config.method`, methods.registry): the method's typed
+batch goes in, its loss comes from its module; the method is static, so it compiles once. The state is donated; the frozen base parameters are an argument
 (same sharding, never donated, never a closed-over constant: a constant would be baked into the
 compiled program and copied on every compile).
 """
@@ -11,14 +11,11 @@ from typing import Any
 import flax.struct
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from flax import nnx
 
 from omniopd_jax import sharding
-from omniopd_jax.methods import losses
-
-METHODS = ("omniopd", "opd", "grpo", "sft")
+from omniopd_jax.methods import base, registry
 
 
 @flax.struct.dataclass
@@ -74,106 +71,51 @@ def state_shardings(abstract_state: TrainState, mesh, rules=sharding.DEFAULT_RUL
   return TrainState(step=replicated, params=param_shardings, opt_state=opt, rng=replicated)
 
 
-def response_logits(graphdef, params, batch, remat: bool = False) -> jax.Array:
-  """Logits predicting each response token: [B, L, V] float32.
+def response_logits(graphdef, params, seq: base.Sequences, remat: bool = False) -> jax.Array:
+  """Logits predicting each response token: [B, L, V] float32 (the dense path).
 
-  batch["tokens"] is [B, P + L] (left-padded prompt then response). Position P - 1 + i predicts
+  seq.tokens is [B, P + L] (left-padded prompt then response). Position P - 1 + i predicts
   response token i; the LM head is applied to those L positions only.
   """
   model = nnx.merge(graphdef, params)
-  tokens, mask = batch["tokens"], batch["attention_mask"]
-  length = batch["response_mask"].shape[1]
+  tokens, mask = seq.tokens, seq.attention_mask
+  length = seq.response_mask.shape[1]
   hidden = model.hidden_states(tokens[:, :-1], mask[:, :-1], remat=remat)  # [B, P + L - 1, E]
   return model.logits(hidden[:, -length:])  # [B, L, V]
 
 
-def method_loss(config, logits, base_logits, teacher_logits, batch):
-  """(loss, aux) of `config.method` on one (micro-)batch."""
-  targets = batch["response_tokens"]  # [B, L]
-  mask = batch["response_mask"]  # [B, L]
-  length = targets.shape[1]
-  norm = config.omniopd.norm_constant or length
-  if config.method == "omniopd":
-    o = config.omniopd
-    token_weight, audited = losses.chunk_token_weights(
-      batch["fork_starts"], batch["fork_mask"], batch["fork_weight"], o.chunk_len, length
-    )  # [B, L] each
-    return losses.omniopd_loss(
-      logits, base_logits, targets, mask, token_weight, audited,
-      beta=o.beta, reduction=o.reduction, norm_constant=norm, kl_anchor=o.kl_anchor,
-    )  # fmt: skip
-  if config.method == "opd":
-    if config.opd.estimator == "full_vocab":
-      return losses.opd_full_kl_loss(logits, teacher_logits, mask, norm_constant=norm)
-    return losses.opd_sampled_loss(
-      logits, targets, batch["teacher_logprobs"], mask, norm_constant=norm
-    )
-  if config.method == "grpo":
-    return losses.grpo_loss(
-      logits, batch["old_logprobs"], targets, mask, batch["advantages"],
-      base_logits=base_logits, beta=config.grpo.beta, clip_eps=config.grpo.clip_eps,
-      norm_constant=norm, kl_anchor=config.grpo.beta > 0,
-    )  # fmt: skip
-  if config.method == "sft":
-    return losses.sft_loss(logits, targets, mask)
-  raise ValueError(f"config.method={config.method!r}: choose from {METHODS}")
+def make_loss_fn(config, method: base.Method, graphdef, teacher_graphdef=None):
+  """loss_fn(params, base_params, teacher_params, batch) -> (loss, aux) of one (micro-)batch.
 
-
-def center_fork_weights(batch: dict) -> dict:
-  """The `centered` weight form: pi_hat minus its mean over the audited forks of the global batch.
-
-  Done on device so that every process and micro-batch sees the same (global) mean.
+  The dense loss path, in one place: full [B, L, V] logits of the student (and, when the method
+  asks, of the frozen base and the in-process teacher, without gradient), then the method's loss.
   """
-  mask = batch["fork_mask"].astype(jnp.float32)  # [B, M]
-  weight = batch["fork_weight"].astype(jnp.float32)  # [B, M] pi_hat
-  mean = (weight * mask).sum() / jnp.maximum(mask.sum(), 1.0)
-  return {**batch, "fork_weight": (weight - mean) * mask}
+  use_base = method.needs_base(config)
+  use_teacher = method.needs_teacher_logits(config)
+  remat = bool(getattr(getattr(config, "model", None), "remat", False))
+  teacher_graphdef = graphdef if teacher_graphdef is None else teacher_graphdef
+
+  def loss_fn(params, base_params, teacher_params, batch):
+    logits = response_logits(graphdef, params, batch.seq, remat=remat)  # [b, L, V]
+    base_logits = teacher_logits = None
+    if use_base:
+      base_logits = jax.lax.stop_gradient(response_logits(graphdef, base_params, batch.seq))
+    if use_teacher:
+      teacher_logits = jax.lax.stop_gradient(
+        response_logits(teacher_graphdef, teacher_params, batch.seq)
+      )
+    return method.loss(config, logits, batch, base_logits, teacher_logits)
+
+  return loss_fn
 
 
 def needs_base(config) -> bool:
-  if config.method == "omniopd":
-    return bool(config.omniopd.kl_anchor)
-  return config.method == "grpo" and config.grpo.beta > 0
+  """Whether config.method's loss reads the frozen base's logits (its KL anchor)."""
+  return registry.get(config.method).needs_base(config)
 
 
-def make_update_fn(
-  config,
-  mesh,
-  graphdef,
-  abstract_state: TrainState,
-  rules=sharding.DEFAULT_RULES,
-  teacher_graphdef=None,
-):
-  """One jitted update for `config.method`.
-
-  Returns `update(state, base_params, batch, teacher_params=None) -> (state, metrics)`; batch is a
-  dict of [B, ...] arrays sharded over the batch axes. `teacher_params` is only used by
-  `opd` with the full-vocabulary estimator (same-tokenizer teacher in process), whose
-  architecture is `teacher_graphdef` (default: the student's).
-  """
-  if config.method not in METHODS:
-    raise ValueError(f"config.method={config.method!r}: choose from {METHODS}")
-  tx = make_optimizer(config.optimizer, config.num_steps)
-  micro = max(int(config.micro_batches), 1)
-  use_base = needs_base(config)
-  use_teacher = config.method == "opd" and config.opd.estimator == "full_vocab"
-
-  def loss_fn(params, base_params, teacher_params, batch):
-    remat = bool(getattr(getattr(config, "model", None), "remat", False))
-    logits = response_logits(graphdef, params, batch, remat=remat)  # [b, L, V]
-    base_logits = teacher_logits = None
-    if use_base:
-      base_logits = jax.lax.stop_gradient(response_logits(graphdef, base_params, batch))
-    if use_teacher:
-      teacher_logits = jax.lax.stop_gradient(
-        response_logits(
-          graphdef if teacher_graphdef is None else teacher_graphdef, teacher_params, batch
-        )
-      )
-    loss, aux = method_loss(config, logits, base_logits, teacher_logits, batch)
-    return loss, aux
-
-  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+def make_accumulate_fn(grad_fn, micro: int):
+  """grad_fn over `micro` micro-batches, averaged: the same (loss, aux), grads signature."""
 
   def accumulate(params, base_params, teacher_params, batch):
     if micro == 1:
@@ -195,9 +137,35 @@ def make_update_fn(
     total, _ = jax.lax.scan(body, zero, split)
     return jax.tree.map(lambda x: x / micro, total)
 
+  return accumulate
+
+
+def make_update_fn(
+  config,
+  mesh,
+  graphdef,
+  abstract_state: TrainState,
+  rules=sharding.DEFAULT_RULES,
+  teacher_graphdef=None,
+):
+  """One jitted update for `config.method` (methods.registry).
+
+  Returns `update(state, base_params, batch, teacher_params=None) -> (state, metrics)`; batch is
+  the method's typed batch (e.g. methods.omniopd.OmniOPDBatch) of [B, ...] arrays, numpy rows of
+  this process or global arrays sharded over the batch axes. `teacher_params` is only used by
+  `opd` with the full-vocabulary estimator (same-tokenizer teacher in process), whose
+  architecture is `teacher_graphdef` (default: the student's).
+  """
+  method = registry.get(config.method)
+  tx = make_optimizer(config.optimizer, config.num_steps)
+  micro = max(int(config.micro_batches), 1)
+  loss_fn = make_loss_fn(config, method, graphdef, teacher_graphdef)
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+  accumulate = make_accumulate_fn(grad_fn, micro)
+
   def update(state: TrainState, base_params, batch, teacher_params=None):
-    if config.method == "omniopd" and config.omniopd.weight_form == "centered":
-      batch = center_fork_weights(batch)  # over the global batch, before any micro-batch split
+    batch = method.prepare_batch(config, batch)  # the global batch, before any micro-split
     (loss, aux), grads = accumulate(state.params, base_params, teacher_params, batch)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
@@ -218,31 +186,16 @@ def make_update_fn(
     return new_state, metrics
 
   shardings = state_shardings(abstract_state, mesh, rules)
-  base_shardings = shardings.params
-  batch_sharding = sharding.batch_sharding(mesh, 1, rules).spec[0]
-
-  def batch_shardings(batch):
-    return jax.tree.map(
-      lambda x: jax.sharding.NamedSharding(
-        mesh, jax.sharding.PartitionSpec(batch_sharding, *([None] * (x.ndim - 1)))
-      ),
-      batch,
-    )
-
   jitted = jax.jit(update, donate_argnums=0, out_shardings=(shardings, None))
 
   def call(state, base_params, batch, teacher_params=None):
     if _is_host(batch):  # this process's rows -> one global batch (any number of processes)
-      batch = jax.tree.map(
-        lambda x, sh: jax.make_array_from_process_local_data(sh, np.asarray(x)),
-        batch,
-        batch_shardings(batch),
-      )
+      batch = jax.tree.map(lambda x: sharding.global_batch(x, mesh, rules), batch)
     return jitted(state, base_params, batch, teacher_params)
 
   call.jitted = jitted
   call.shardings = shardings
-  call.base_shardings = base_shardings
+  call.base_shardings = shardings.params
   call.tx = tx
   return call
 
