@@ -14,12 +14,11 @@ from omniopd_jax.configs import math as math_config
 from omniopd_jax.configs import validate
 from omniopd_jax.data import prompts as data
 from omniopd_jax.experiments import compare
-from omniopd_jax.methods import losses
+from omniopd_jax.methods import losses, registry, sft
 from omniopd_jax.models import hf
 from omniopd_jax.reward import posterior, similarity
 from omniopd_jax.rollout import forks
 from omniopd_jax.teacher import backends
-from omniopd_jax.train import step as train_step
 
 ROOT = pathlib.Path(__file__).parents[1]
 
@@ -57,7 +56,9 @@ def test_compare_runs_validate(quick):
 @pytest.mark.parametrize(
   "key, allowed",
   [
-    ("method", train_step.METHODS),
+    ("method", tuple(registry.METHODS)),
+    ("sft__target", tuple(sft.TARGETS)),
+    ("model__build_demo_models", validate.DEMO_MODEL_KINDS),
     ("omniopd__weight_form", posterior.WEIGHT_FORMS),
     ("omniopd__fork_method", forks.METHODS),
     ("omniopd__reduction", losses.REDUCTIONS),
@@ -96,7 +97,8 @@ def test_every_allowed_value_passes(key, allowed):
     ("model__dtype", "bf16", "model.dtype='bf16' is not one of ('float32', 'bfloat16', "
      "'float16'); did you mean 'bfloat16'?"),
     ("model__param_dtype", "float", "model.param_dtype='float'"),
-    ("sft__source", "teacher", "sft.source='teacher' is not one of ('reference',)"),
+    ("sft__target", "gold", "sft.target='gold' is not one of ('answer', 'worked')"),
+    ("teacher__max_failed_fraction", 1.5, "teacher.max_failed_fraction=1.5"),
     ("data__source", "jsonlines", "did you mean 'jsonl'"),
     ("num_steps", -1, "num_steps=-1 must be >= 1"),
     ("num_steps", 0, "num_steps=0 must be >= 1"),
@@ -148,8 +150,8 @@ def test_cross_field_rules():
   assert "needs teacher.backend in ('openai_completions',)" in problems(
     teacher__prompt_format="token_ids", teacher__backend="anthropic"
   )
-  assert "teacher.base_url is empty" in problems(smoke_serve_teacher=False)
-  assert problems(method="sft", smoke_serve_teacher=False) == ""  # sft asks no teacher
+  assert "teacher.base_url is empty" in problems(teacher__serve_local=False)
+  assert problems(method="sft", teacher__serve_local=False) == ""  # sft asks no teacher
   assert "data.train_path is empty" in problems(data__source="parquet")
 
 

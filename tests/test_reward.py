@@ -115,6 +115,7 @@ def test_build_reward_arrays_and_metrics():
   assert m["omniopd/num_audited"] == 2.0
   hist = [m[f"omniopd/pi_hat_hist/{lo:.2f}"] for lo in (0.0, 0.25, 0.5, 0.75)]
   assert hist == [0.5, 0.0, 0.5, 0.0]
+  np.testing.assert_allclose(sorted(m.pop("omniopd/pi_hat")), [0.05, 2.0 / 3], rtol=1e-6)
   assert all(isinstance(v, float) for v in m.values())
 
   # Group form: sim [B, M, K, N] with draft 0 = own chunk; every draft sees the same teacher samples.

@@ -103,6 +103,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.teacher.temperature = 1.0  # Monte Carlo samples
   c.teacher.max_tokens = 0  # 0: omniopd.chunk_len (teacher tokens, its own tokenizer)
   c.teacher.serve_local = False  # base_url "": serve the teacher model here (a subprocess)
+  c.teacher.halt_after_failed_calls = (
+    8  # halt ("unreachable") after this many failed calls in a row
+  )
   c.teacher.max_failed_fraction = 0.1  # stop (checkpoint, exit 1) when more samples of a step fail
   c.teacher.prompts_per_request = 0  # forks packed per HTTP call (0: backend default; 1: seeds
   # then depend only on the fork, so results are identical whatever the batch layout)

@@ -15,19 +15,18 @@ from typing import Any
 
 from omniopd_jax import sharding
 from omniopd_jax.data import prompts as data
-from omniopd_jax.methods import losses
+from omniopd_jax.methods import losses, registry, sft
 from omniopd_jax.models import hf
 from omniopd_jax.reward import posterior, similarity
 from omniopd_jax.rollout import forks
 from omniopd_jax.teacher import backends
-from omniopd_jax.train import step as train_step
 
-# Readers without an exported constant: methods/collect.py and train/step.py compare opd.estimator
-# with these; teacher.prompt_format is read by methods/collect.py; sft.source "teacher"
-# (teacher-written solutions) is documented but not implemented, so only "reference" is accepted.
+# Readers without an exported constant: methods/opd.py and train/step.py compare opd.estimator
+# with these; teacher.prompt_format is read by methods/omniopd.py; model.build_demo_models by
+# experiments/demo_models.build (imported only when used: it trains models).
 OPD_ESTIMATORS = ("sampled", "full_vocab")
 PROMPT_FORMATS = ("text", "token_ids")
-SFT_SOURCES = ("reference",)
+DEMO_MODEL_KINDS = ("", "tiny", "trained")
 # Backends that can continue a prompt given as token ids (methods/collect.py `_uses_ids`).
 TOKEN_ID_BACKENDS = ("openai_completions",)
 
@@ -109,7 +108,7 @@ class _Checker:
 
 
 def _check_top_level(c: _Checker):
-  c.choice("method", train_step.METHODS)
+  c.choice("method", tuple(registry.METHODS))
   c.int_at_least("seed", 0)
   c.int_at_least("num_steps", 1)
   c.int_at_least("batch_size", 1)
@@ -128,6 +127,7 @@ def _check_top_level(c: _Checker):
 def _check_model_and_rollout(c: _Checker):
   for key in ("model.dtype", "model.param_dtype", "model.base_dtype"):
     c.choice(key, tuple(hf.DTYPES))
+  c.choice("model.build_demo_models", DEMO_MODEL_KINDS)
   c.int_at_least("rollout.max_new_tokens", 1)
   c.number("rollout.temperature", lambda v: v >= 0, ">= 0 (0 means greedy)")
   c.fraction("rollout.top_p", low_open=True)
@@ -170,6 +170,8 @@ def _check_teacher(c: _Checker):
   for key in ("rpm", "input_tpm", "output_tpm", "max_tokens", "prompts_per_request"):
     c.int_at_least(f"teacher.{key}", 0, " (0: none / default)")
   c.int_at_least("teacher.max_retries", 0)
+  c.int_at_least("teacher.halt_after_failed_calls", 0, " (0: never halt on failed calls)")
+  c.fraction("teacher.max_failed_fraction")
   c.positive("teacher.timeout_s")
   for key in ("price_in_per_mtok", "price_out_per_mtok", "budget_usd", "temperature"):
     c.non_negative(f"teacher.{key}")
@@ -179,7 +181,7 @@ def _check_teacher(c: _Checker):
       url.startswith(("http://", "https://")),
       f"teacher.base_url={url!r} must start with http:// or https://",
     )
-  elif c.value("method") == "omniopd" and url == "" and not c.value("smoke_serve_teacher"):
+  elif c.value("method") == "omniopd" and url == "" and not c.value("teacher.serve_local"):
     c.problems.append(
       "teacher.base_url is empty: method=omniopd needs a teacher URL (e.g. "
       "http://127.0.0.1:8000/v1 from `python -m omniopd_jax.serve`)"
@@ -191,7 +193,7 @@ def _check_baselines(c: _Checker):
   c.int_at_least("grpo.group_size", 2, " (a group-normalised advantage needs 2 samples)")
   c.positive("grpo.clip_eps")
   c.non_negative("grpo.beta")
-  c.choice("sft.source", SFT_SOURCES)
+  c.choice("sft.target", tuple(sft.TARGETS))
   batch, group = c.value("batch_size"), c.value("grpo.group_size")
   if c.value("method") == "grpo" and _ints(batch, group) and group >= 1 and batch % group:
     c.problems.append(

@@ -178,7 +178,8 @@ def reward_metrics(rewards: RewardArrays, fork_valid=None, num_bins: int = 10) -
 
   Returns:
     omniopd/{pi_hat_mean, pi_bar_mean, k_mean, weight_mean, weight_std, n_valid_frac,
-    audited_frac, num_audited} and omniopd/pi_hat_hist/<lo> (fraction of audited chunks per bin).
+    audited_frac, num_audited}, omniopd/pi_hat_hist/<lo> (fraction of audited chunks per bin)
+    and omniopd/pi_hat (the audited chunks' pi_hat values, an array: a histogram when logged).
   """
   audited = rewards.mask
   asked = audited if fork_valid is None else np.asarray(fork_valid, bool)
@@ -198,4 +199,6 @@ def reward_metrics(rewards: RewardArrays, fork_valid=None, num_bins: int = 10) -
   counts, edges = np.histogram(rewards.pi_hat[audited], bins=num_bins, range=(0.0, 1.0))
   for lo, c in zip(edges[:-1], counts):
     metrics[f"omniopd/pi_hat_hist/{lo:.2f}"] = float(c) / max(int(audited.sum()), 1)
+  # The exact values too: the metrics writer turns an array into a TensorBoard histogram.
+  metrics["omniopd/pi_hat"] = rewards.pi_hat[audited].astype(np.float32)  # [num_audited]
   return metrics

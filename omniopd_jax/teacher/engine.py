@@ -90,19 +90,8 @@ def chunk_seed(seed: int, chunk: int) -> int:
 
 
 def _eos_ids(path: str | None, tokenizer, model) -> tuple[int, ...]:
-  """EOS ids from the tokenizer, config.json and generation_config.json (Qwen's <|im_end|>)."""
-  ids = []
-  configs = [json.loads(getattr(model, "hf_config_json", None) or "{}")]
-  gen_path = os.path.join(path, "generation_config.json") if path else ""
-  if gen_path and os.path.exists(gen_path):
-    with open(gen_path) as f:
-      configs.append(json.load(f))
-  for cfg in configs:
-    value = cfg.get("eos_token_id")
-    ids.extend(value if isinstance(value, list) else [] if value is None else [value])
-  if tokenizer.eos_token_id is not None:
-    ids.append(tokenizer.eos_token_id)
-  return tuple(sorted(set(int(i) for i in ids)))
+  """EOS ids of a loaded model: hf.eos_token_ids with the config.json the model was built from."""
+  return hf.eos_token_ids(tokenizer, path, hf_config=json.loads(model.hf_config_json or "{}"))
 
 
 class LocalTeacher:

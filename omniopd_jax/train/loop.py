@@ -32,6 +32,7 @@ import numpy as np
 from flax import nnx
 from jax.experimental import multihost_utils
 
+from omniopd_jax.configs import validate
 from omniopd_jax.eval import evaluate
 from omniopd_jax.methods import base
 from omniopd_jax.train import setup as setup_lib
@@ -66,6 +67,7 @@ def run(config, workdir: str) -> dict:
   Raises StopTraining (after checkpointing) when the run cannot go on; its message names the
   cause and the command that resumes.
   """
+  validate.validate_config(config)  # main.py checks first; this covers callers that skip it
   stop_requested = threading.Event()
   with sigterm_sets(stop_requested):
     runtime, state = setup_lib.setup(config, workdir, stop_requested=stop_requested)
@@ -147,7 +149,16 @@ def train(rt: setup_lib.Runtime, state):
 def start_collection(rt: setup_lib.Runtime, state, step: int):
   """Rollouts (device) and teacher submission for `step`; returns its finish()."""
   model = nnx.merge(rt.graphdef, state.params)
-  return rt.method.collect(rt.ctx, model, next(rt.data), step)
+  batch = next(rt.data)
+  finish = rt.method.collect(rt.ctx, model, batch, step)
+
+  def finish_and_count():
+    got = finish()
+    # Prompts cut to config.max_prompt_len by the iterator (warned about once, counted per step).
+    got.metrics["data/truncated_prompts"] = float(batch.get("num_truncated", 0))
+    return got
+
+  return finish_and_count
 
 
 def wait_for_collection(rt: setup_lib.Runtime, finish, step: int) -> base.Collected:

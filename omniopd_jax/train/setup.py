@@ -105,6 +105,7 @@ def teacher_client_config(teacher_cfg, *, chunk_len: int, workdir: str, base_url
     "temperature": t["temperature"],
     "max_tokens": t["max_tokens"] or chunk_len,
     "prompts_per_request": none_if(t["prompts_per_request"]),
+    "halt_after_failed_calls": t["halt_after_failed_calls"],
   }
 
 
@@ -161,14 +162,20 @@ def make_teacher_logprobs_fn(teacher_model):
   return lambda seq: fn(params, seq)
 
 
-def start_api_teacher(config, teacher_dir: str, workdir: str):
-  """(TeacherClient after its probe, scorer, server handle or None) for teacher="api" methods."""
+def start_api_teacher(config, teacher_dir: str, workdir: str, saved_state: dict | None = None):
+  """(TeacherClient after its probe, scorer, server handle or None) for teacher="api" methods.
+
+  `saved_state` (a checkpoint's teacher counters) is loaded before the probe, so the budget counts
+  what earlier runs spent and the probe's own cost is checked against it.
+  """
   url, server = start_teacher_server(config, teacher_dir, workdir)
   client_cfg = teacher_client_config(
     config.teacher, chunk_len=config.omniopd.chunk_len, workdir=workdir, base_url=url
   )
   client = tc.TeacherClient.from_config(client_cfg)
   try:
+    if saved_state:
+      client.load_state_dict(saved_state)
     info = client.probe()
   except BaseException:
     client.close()
@@ -235,19 +242,19 @@ def setup(config, workdir: str, stop_requested: threading.Event | None = None):
   per_process = config.batch_size // jax.process_count()
   data_iter = data.make_prompt_iterator(
     config.data, tokenizer, batch_size=per_process // method.samples_per_prompt(config),
-    seed=config.seed,
+    seed=config.seed, max_prompt_len=config.max_prompt_len,
   )  # fmt: skip
+  ckpt = checkpoint.Checkpointer(workdir, every=config.checkpoint_every,
+                                 keep=config.keep_checkpoints)  # fmt: skip
+  state, saved = restore(ckpt, state, data_iter)
   if method.teacher == "api":
-    teacher, scorer, server = start_api_teacher(config, teacher_dir, workdir)
+    teacher, scorer, server = start_api_teacher(config, teacher_dir, workdir, saved.get("teacher"))
   ctx = base.Context(
     config=config, tokenizer=tokenizer, eos_ids=hf.eos_token_ids(tokenizer, student_dir),
     rules=rules, rollout_mesh=mesh, process_index=jax.process_index(), teacher=teacher,
     scorer=scorer, backend=config.teacher.backend if teacher is not None else "",
     teacher_logprobs_fn=logprobs_fn, stop_requested=stop_requested,
   )  # fmt: skip
-  ckpt = checkpoint.Checkpointer(workdir, every=config.checkpoint_every,
-                                 keep=config.keep_checkpoints)  # fmt: skip
-  state = restore(ckpt, state, data_iter, teacher)
   writer = metrics.MetricsWriter(workdir, num_steps=config.num_steps, start_step=int(state.step),
                                  enabled=jax.process_index() == 0)  # fmt: skip
   runtime = Runtime(
@@ -259,14 +266,12 @@ def setup(config, workdir: str, stop_requested: threading.Event | None = None):
   return runtime, state
 
 
-def restore(ckpt: checkpoint.Checkpointer, state, data_iter, teacher):
-  """The latest checkpoint's state (and data position, teacher counters), else `state`."""
+def restore(ckpt: checkpoint.Checkpointer, state, data_iter) -> tuple[object, dict]:
+  """(the latest checkpoint's state, its meta) with the data position restored, else (state, {})."""
   if ckpt.latest_step() is None:
-    return state
+    return state, {}
   state, meta = ckpt.restore(state)  # the live state carries the target shardings
   # Processes step in lockstep, so process 0's saved position is every process's position.
   data_iter.set_state({**meta["data"], "process_index": jax.process_index()})
-  if teacher is not None and meta.get("teacher"):
-    teacher.load_state_dict(meta["teacher"])
   print(f"resumed from step {int(state.step)} ({ckpt.directory})", flush=True)
-  return state
+  return state, meta
