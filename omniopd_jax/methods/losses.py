@@ -2,10 +2,14 @@
 
 Shapes: logits [B, T, V] aligned with targets [B, T] (logits[:, t] predicts targets[:, t]);
 token_mask [B, T] bool marks the tokens that count. Softmax, log-probs and KL are float32.
+Wherever logits are taken, an ops.vocab_tiling.HeadStats may stand in for them (for the student,
+base and teacher alike): its per-token log-probs and KLs [B, T] were computed without [B, T, V].
 """
 
 import jax
 import jax.numpy as jnp
+
+from omniopd_jax.ops.vocab_tiling import HeadStats
 
 REDUCTIONS = ("sequence_sum", "token_mean")
 
@@ -17,6 +21,8 @@ def log_softmax32(logits: jax.Array) -> jax.Array:
 
 def token_logprobs(logits: jax.Array, targets: jax.Array) -> jax.Array:
   """log p(targets) = z_y - logsumexp(z): [B, T, V], [B, T] -> [B, T] float32."""
+  if isinstance(logits, HeadStats):
+    return logits.logprob
   z = logits.astype(jnp.float32)  # [B, T, V]
   z_y = jnp.take_along_axis(z, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]  # [B, T]
   return z_y - jax.nn.logsumexp(z, axis=-1)
@@ -30,6 +36,8 @@ def kl_to_base(base_logits: jax.Array, logits: jax.Array) -> jax.Array:
   Returns:
     [B, T] float32.
   """
+  if isinstance(logits, HeadStats):
+    return logits.kl_base
   base_logp = jax.lax.stop_gradient(log_softmax32(base_logits))  # [B, T, V]
   logp = log_softmax32(logits)  # [B, T, V]
   return jnp.sum(jnp.exp(base_logp) * (base_logp - logp), axis=-1)
@@ -41,6 +49,8 @@ def reverse_kl_to_teacher(logits: jax.Array, teacher_logits: jax.Array) -> jax.A
   Returns:
     [B, T] float32; the teacher gets no gradient.
   """
+  if isinstance(logits, HeadStats):
+    return logits.kl_teacher
   if logits.shape[-1] != teacher_logits.shape[-1]:
     raise ValueError(
       f"teacher vocabulary {teacher_logits.shape[-1]} != student vocabulary {logits.shape[-1]}: "

@@ -17,6 +17,8 @@ from flax import nnx
 
 from omniopd_jax import sharding
 from omniopd_jax.methods import losses
+from omniopd_jax.models import lm
+from omniopd_jax.ops import vocab_tiling
 
 METHODS = ("omniopd", "opd", "grpo", "sft")
 
@@ -74,17 +76,47 @@ def state_shardings(abstract_state: TrainState, mesh, rules=sharding.DEFAULT_RUL
   return TrainState(step=replicated, params=param_shardings, opt_state=opt, rng=replicated)
 
 
-def response_logits(graphdef, params, batch, remat: bool = False) -> jax.Array:
-  """Logits predicting each response token: [B, L, V] float32.
+def response_hidden(graphdef, params, batch, remat=False, attention="dense"):
+  """(final hidden states predicting each response token [B, L, E], the merged model).
 
   batch["tokens"] is [B, P + L] (left-padded prompt then response). Position P - 1 + i predicts
-  response token i; the LM head is applied to those L positions only.
+  response token i.
   """
   model = nnx.merge(graphdef, params)
   tokens, mask = batch["tokens"], batch["attention_mask"]
   length = batch["response_mask"].shape[1]
-  hidden = model.hidden_states(tokens[:, :-1], mask[:, :-1], remat=remat)  # [B, P + L - 1, E]
-  return model.logits(hidden[:, -length:])  # [B, L, V]
+  hidden = model.hidden_states(
+    tokens[:, :-1], mask[:, :-1], remat=remat, attention=attention
+  )  # [B, P + L - 1, E]
+  return hidden[:, -length:], model
+
+
+def response_logits(graphdef, params, batch, remat=False, attention="dense") -> jax.Array:
+  """Logits predicting each response token: [B, L, V] float32 (the LM head on those L only)."""
+  hidden, model = response_hidden(graphdef, params, batch, remat, attention)
+  return model.logits(hidden)  # [B, L, V]
+
+
+def response_stats(model_cfg, graphdef, params, batch, base_params=None, teacher=None):
+  """Per-token log-probs, entropy and KLs [B, L] from the vocabulary-tiled head (ops/).
+
+  No [B, L, V] array exists in the forward or the backward pass. The frozen base (and the
+  in-process teacher, `teacher` = (graphdef, params)) run their trunks to hidden states without
+  gradient; their heads are recomputed tile by tile beside the student's.
+  """
+  remat = bool(model_cfg.get("remat", False))
+  attention = model_cfg.get("attention", "dense")
+
+  def head(graphdef, params, remat=False):
+    hidden, model = response_hidden(graphdef, params, batch, remat, attention)
+    return vocab_tiling.Head(hidden, *lm.head_weights(model))
+
+  frozen = lambda g, p: None if p is None else head(g, p)  # head_stats stops their gradient
+  return vocab_tiling.head_stats(
+    head(graphdef, params, remat), batch["response_tokens"],
+    base=frozen(graphdef, base_params), teacher=None if teacher is None else frozen(*teacher),
+    tile_tokens=int(model_cfg.get("head_tile_tokens", 0)) or None,
+  )  # fmt: skip
 
 
 def method_loss(config, logits, base_logits, teacher_logits, batch):
@@ -158,17 +190,29 @@ def make_update_fn(
   use_base = needs_base(config)
   use_teacher = config.method == "opd" and config.opd.estimator == "full_vocab"
 
+  model_cfg = config.get("model", {})
+  tiled = model_cfg.get("head", "dense") == "tiled"
+
   def loss_fn(params, base_params, teacher_params, batch):
-    remat = bool(getattr(getattr(config, "model", None), "remat", False))
-    logits = response_logits(graphdef, params, batch, remat=remat)  # [b, L, V]
+    if tiled:  # per-token statistics [b, L]; the losses read them in place of logits
+      teacher = (teacher_graphdef or graphdef, teacher_params) if use_teacher else None
+      stats = response_stats(
+        model_cfg, graphdef, params, batch, base_params if use_base else None, teacher
+      )
+      return method_loss(
+        config, stats, stats if use_base else None, stats if use_teacher else None, batch
+      )
+    remat = bool(model_cfg.get("remat", False))
+    attention = model_cfg.get("attention", "dense")
+    logits = response_logits(graphdef, params, batch, remat, attention)  # [b, L, V]
     base_logits = teacher_logits = None
     if use_base:
-      base_logits = jax.lax.stop_gradient(response_logits(graphdef, base_params, batch))
+      base_logits = jax.lax.stop_gradient(
+        response_logits(graphdef, base_params, batch, attention=attention)
+      )
     if use_teacher:
       teacher_logits = jax.lax.stop_gradient(
-        response_logits(
-          graphdef if teacher_graphdef is None else teacher_graphdef, teacher_params, batch
-        )
+        response_logits(teacher_graphdef or graphdef, teacher_params, batch, attention=attention)
       )
     loss, aux = method_loss(config, logits, base_logits, teacher_logits, batch)
     return loss, aux
