@@ -47,7 +47,7 @@ def run_update(cfg, method, head, attention, full_vocab=False):
   config.method = method
   config.omniopd.update(num_forks=M, chunk_len=4)
   config.opd.estimator = "full_vocab" if full_vocab else "sampled"
-  config.model.update(head=head, attention=attention, head_tile_tokens=4)
+  config.model.update(head=head, attention=attention, head_vocab_tile=4)
   config.optimizer.update(learning_rate=1e-2, grad_clip=0.0)
   mesh = sharding.make_mesh([("data", 2), ("fsdp", 4), ("tensor", 1)])
   with jax.set_mesh(mesh):
@@ -89,7 +89,7 @@ def test_tiled_gradients_equal_dense_gradients_with_remat():
   batch = jax.tree.map(jnp.asarray, make_batch(cfg.vocab_size, seed=1))
 
   def loss(params, head, attention, remat):
-    config.model.update(head=head, attention=attention, remat=remat, head_tile_tokens=3)
+    config.model.update(head=head, attention=attention, remat=remat, head_vocab_tile=3)
     if head == "tiled":
       stats = train_step.response_stats(config.model, graphdef, params, batch, base)
       return train_step.method_loss(config, stats, stats, None, batch)[0]

@@ -48,7 +48,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model.param_dtype = "float32"  # trained (master) parameters and AdamW moments
   c.model.base_dtype = "bfloat16"  # frozen base copy; bfloat16 halves its memory
   c.model.head = "tiled"  # tiled (ops/vocab_tiling: never [B, L, V] logits) | dense (reference)
-  c.model.head_tile_tokens = 0  # positions per head tile (0: a [T, V] float32 tile <= 128 MiB)
+  c.model.head_vocab_tile = 0  # vocabulary entries per head tile (0: [B*L, T] f32 <= 128 MiB)
   c.model.attention = "auto"  # update: auto | dense | blockwise | xla | cudnn | splash | pallas_gpu
   c.model.tokenizer_path = ""  # defaults to student_path
   c.model.remat = (

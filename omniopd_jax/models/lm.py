@@ -292,7 +292,7 @@ class CausalLM(nnx.Module):
 
   def hidden_states(
     self, input_ids, attention_mask=None, positions=None, *, cache=None, cache_index=None,
-    remat=False, attention="dense", segment_ids=None,
+    remat=False, attention="dense", segment_ids=None, constrain=None,
   ):  # fmt: skip
     """Final-norm hidden states [B, T, E] (and the updated cache when one is given).
 
@@ -303,7 +303,12 @@ class CausalLM(nnx.Module):
     Without a cache, `attention` picks the implementation (ops.attention.IMPLEMENTATIONS; "dense":
     [B, T, T] scores) and `segment_ids` [B, T] (0 = padding) packs several sequences in a row
     (pass their `positions` too); by default the segments are the attention mask.
+
+    `constrain` (e.g. a with_sharding_constraint to rows over the batch axes) is applied to the
+    residual stream [B, T, E] after the embedding and after every layer: without it, GSPMD may
+    follow the embedding table's fsdp sharding and replicate every row on every device.
     """
+    constrain = constrain or (lambda x: x)
     b, t = input_ids.shape
     if attention_mask is None:
       attention_mask = jnp.ones((b, t) if cache is None else (b, cache[0][1].shape[2]), bool)
@@ -320,7 +325,7 @@ class CausalLM(nnx.Module):
       causal = k_slots[None, :] <= q_slots[:, None]  # [T, S]
       mask = causal[None] & attention_mask[:, None, :]  # [B, T, S]
     inv_freq = rope_inv_freq(self.config)
-    x = jnp.take(self.embed_tokens[...], input_ids, axis=0).astype(self.dtype)
+    x = constrain(jnp.take(self.embed_tokens[...], input_ids, axis=0).astype(self.dtype))
     new_cache = []
     # remat: keep only each layer's input for the backward pass and recompute the rest (training
     # memory drops from O(layers x activations) to O(layers x hidden); ~1/3 more compute).
@@ -330,6 +335,7 @@ class CausalLM(nnx.Module):
         layer, x, positions, inv_freq, mask, None if cache is None else cache[i], cache_index
       )
       new_cache.append(layer_cache)
+      x = constrain(x)
     x = self.norm(x)
     return x if cache is None else (x, new_cache)
 

@@ -9,13 +9,16 @@ states [B, L, E] and the head weights straight to per-token statistics [B, L]:
   kl_base     KL(p_base || p), the base head recomputed   (the KL anchor)
   kl_teacher  KL(p || p_teacher), a same-tokenizer teacher (white-box OPD, full vocabulary)
 
-It walks the sequence in tiles of `tile_tokens` positions per row (`lax.scan`): each tile's logits
-[B, T, V] are computed, reduced to statistics and dropped. A `jax.custom_vjp` makes the backward
-pass walk the same tiles: it recomputes the tile's logits from the hidden states and the saved
-log-normalisers, forms d loss / d logits for that tile in closed form and contracts it at once into
-the hidden-state and head gradients, so the backward never holds [B, L, V] either (the idea of
-MaxText's vocabulary tiling and Tunix's chunked log-probs; the code is ours). Only the student is
-differentiated: base and teacher inputs get zero cotangents.
+It walks the vocabulary in tiles of `vocab_tile` entries (`lax.scan`): each tile's logits
+[B, L, T] are computed for every position, folded into running (online-softmax) sums, and dropped.
+A `jax.custom_vjp` makes the backward pass walk the same tiles: it recomputes the tile's logits
+from the hidden states and the saved per-token log-normalisers, forms d loss / d logits for that
+tile in closed form and contracts it at once into the hidden-state gradient (a [B, L, E] carry) and
+that tile's slice of the head gradient, so the backward never holds [B, L, V] either (the idea of
+MaxText's vocabulary tiling and Tunix's chunked log-probs; the code is ours). Tiling the
+vocabulary rather than the sequence also bounds the head's FSDP traffic: each step gathers one
+[E, T] slice of the weights and reduces one [E, T] slice of its gradient, never the whole head.
+Only the student is differentiated: base and teacher inputs get zero cotangents.
 
 Closed forms, with p = softmax(z), z the student's logits of one token, g_* the cotangents:
   d logprob / dz = onehot(y) - p
@@ -53,10 +56,11 @@ class Head(NamedTuple):
   layout: str = "ev"
 
 
-def default_tile_tokens(vocab_size: int, length: int) -> int:
-  """Positions per tile: a power of two whose [T, V] float32 tile fits TILE_BYTES, at most L."""
-  t = max(TILE_BYTES // (4 * vocab_size), 8)
-  return max(1, min(2 ** int(math.log2(t)), length))
+def default_vocab_tile(vocab_size: int, tokens: int) -> int:
+  """Vocabulary entries per tile: a power of two (>= 128) whose float32 [tokens, T] logits tile
+  fits TILE_BYTES, at most the vocabulary. `tokens` is B x L of the (global) batch."""
+  t = max(TILE_BYTES // (4 * tokens), 128)
+  return max(1, min(2 ** int(math.log2(t)), vocab_size))
 
 
 def head_logits(hidden, weights, layout: str, compute_dtype) -> jax.Array:
@@ -74,40 +78,56 @@ def head_stats(
   *,
   base: Head | None = None,
   teacher: Head | None = None,
-  tile_tokens: int | None = None,
+  vocab_tile: int | None = None,
   compute_dtype=None,
+  constrain_rows=None,
+  constrain_head=None,
 ) -> HeadStats:
-  """Per-token log-prob, entropy and the requested KLs, tiled over the sequence.
+  """Per-token log-prob, entropy and the requested KLs, tiled over the vocabulary.
 
   Args:
     student: the trained model's Head; hidden [B, L, E] predicts targets [B, L] (int).
     base: the frozen base's Head (same vocabulary) for kl_base, or None.
     teacher: a same-tokenizer teacher's Head for kl_teacher, or None.
-    tile_tokens: positions per tile (default: default_tile_tokens); any L works (padded inside).
+    vocab_tile: vocabulary entries per tile (default: default_vocab_tile); any V works (the last
+      tile is padded inside).
     compute_dtype: dtype of the head matmuls (default: the student's hidden dtype).
+    constrain_rows, constrain_head: optional sharding constraints (e.g. with_sharding_constraint)
+      for [B, L, ...] arrays (rows over the batch axes) and for head-layout arrays, whole or one
+      tile (the student weights' own sharding). Inside the tile loop GSPMD otherwise may
+      replicate rows, or hold the head gradient whole on every device.
 
   Returns:
     HeadStats of [B, L] float32 arrays; differentiable in student.hidden and student.weights.
   """
   _check(student, targets, base, teacher)
   vocab = _vocab(student)
-  length = targets.shape[1]
-  tile = tile_tokens or default_tile_tokens(vocab, length)
+  tile = min(vocab_tile or default_vocab_tile(vocab, targets.size), vocab)
   dtype = jnp.dtype(compute_dtype or student.hidden.dtype)
   # Frozen models enter as (hidden, weights) pairs without gradient; layouts are static metadata.
   frozen = tuple(
     None if h is None else jax.lax.stop_gradient((h.hidden, h.weights)) for h in (base, teacher)
   )
   layouts = (student.layout,) + tuple(None if h is None else h.layout for h in (base, teacher))
+  same = lambda x: x
+  meta = _Meta(tile, vocab, dtype, layouts, constrain_rows or same, constrain_head or same)
   logprob, entropy, kl_base, kl_teacher = _tiled(
-    (tile, dtype, layouts), student.hidden, student.weights, targets, *frozen
+    meta, student.hidden, student.weights, targets, *frozen
   )
   return HeadStats(
-    logprob[:, :length],
-    entropy[:, :length],
-    None if base is None else kl_base[:, :length],
-    None if teacher is None else kl_teacher[:, :length],
+    logprob, entropy, None if base is None else kl_base, None if teacher is None else kl_teacher
   )
+
+
+class _Meta(NamedTuple):
+  """Static settings of one head_stats call (the custom VJP's non-differentiable argument)."""
+
+  tile: int  # vocabulary entries per tile
+  vocab: int  # real vocabulary size (the last tile is padded past it)
+  dtype: jnp.dtype
+  layouts: tuple  # (student, base, teacher) head layouts
+  rows: object  # callable: sharding constraint for [B, L, ...] arrays
+  head: object  # callable: sharding constraint for head-layout arrays (whole or one tile)
 
 
 def _vocab(head: Head) -> int:
@@ -134,140 +154,163 @@ def _check(student, targets, base, teacher):
       )
 
 
-def _to_tiles(x, tile):
-  """[B, L, ...] -> [L / T, B, T, ...] (zero-padded to a multiple of T); batch stays axis 1."""
-  b, length = x.shape[:2]
-  n = -(-length // tile)
-  pad = [(0, 0), (0, n * tile - length)] + [(0, 0)] * (x.ndim - 2)
-  x = jnp.pad(x, pad).reshape(b, n, tile, *x.shape[2:])
-  return jnp.moveaxis(x, 1, 0)
+def _weight_tiles(weights, layout, tile, dtype):
+  """Head weights -> [N, E, T] ("ev") or [N, T, E] ("ve") tiles in dtype, zero-padded past V."""
+  axis = 1 if layout == "ev" else 0
+  vocab = weights.shape[axis]
+  n = -(-vocab // tile)
+  pad = [(0, 0), (0, 0)]
+  pad[axis] = (0, n * tile - vocab)
+  w = jnp.pad(weights.astype(dtype), pad)
+  if layout == "ev":
+    return jnp.moveaxis(w.reshape(w.shape[0], n, tile), 1, 0)
+  return w.reshape(n, tile, w.shape[1])
 
 
-def _from_tiles(x, length):
-  """[N, B, T, ...] -> [B, L, ...] (the padding cut)."""
-  x = jnp.moveaxis(x, 0, 1)
-  return x.reshape(x.shape[0], -1, *x.shape[3:])[:, :length]
+def _tile_logits(meta, h, w_tile, layout, j):
+  """float32 logits [B, L, T] of vocabulary tile j; entries past the vocabulary are -inf-like."""
+  z = meta.rows(head_logits(h, w_tile, layout, meta.dtype))
+  real = j * meta.tile + jnp.arange(meta.tile) < meta.vocab  # [T]
+  return jnp.where(real, z, _NEG)
+
+
+_NEG = -1e30  # logits of padded vocabulary entries: exp() underflows to exactly 0
+
+
+def _online(m, z):
+  """One online-softmax step: m the running max [B, L], z this tile's logits [B, L, T]. Returns
+  the new max and the factor that rescales sums kept relative to the old max."""
+  m_new = jnp.maximum(m, z.max(-1))
+  return m_new, jnp.exp(m - m_new)
+
+
+def _scan_forward(meta, hidden, weights, targets, base, teacher):
+  """Per-token statistics and log-normalisers [B, L] in one pass over the vocabulary tiles."""
+  layout, base_layout, teacher_layout = meta.layouts
+  tiles = lambda w, lay: _weight_tiles(w, lay, meta.tile, meta.dtype)
+  xs = (
+    jnp.arange(-(-meta.vocab // meta.tile)),
+    tiles(weights, layout),
+    None if base is None else tiles(base[1], base_layout),
+    None if teacher is None else tiles(teacher[1], teacher_layout),
+  )
+  h = meta.rows(hidden.astype(meta.dtype))
+  hb = None if base is None else meta.rows(base[0].astype(meta.dtype))
+  ht = None if teacher is None else meta.rows(teacher[0].astype(meta.dtype))
+  y = targets.astype(jnp.int32)
+
+  def body(carry, x):
+    j, w, wb, wt = x
+    c = dict(carry)
+    z = _tile_logits(meta, h, w, layout, j)  # [B, L, T]
+    m, scale = _online(c["m"], z)
+    e = jnp.exp(z - m[..., None])
+    c["m"], c["s"] = m, c["s"] * scale + e.sum(-1)
+    c["sz"] = c["sz"] * scale + (e * z).sum(-1)  # sum_v exp(z - m) z: the entropy's term
+    local = y - j * meta.tile
+    hit = (local >= 0) & (local < meta.tile)
+    picked = jnp.take_along_axis(z, jnp.clip(local, 0, meta.tile - 1)[..., None], -1)[..., 0]
+    c["zy"] = jnp.where(hit, picked, c["zy"])
+    if wb is not None:
+      zb = _tile_logits(meta, hb, wb, base_layout, j)
+      mb, scale_b = _online(c["mb"], zb)
+      eb = jnp.exp(zb - mb[..., None])
+      c["mb"], c["sb"] = mb, c["sb"] * scale_b + eb.sum(-1)
+      c["sbd"] = c["sbd"] * scale_b + (eb * (zb - z)).sum(-1)  # sum exp(zb - mb) (zb - z)
+    if wt is not None:
+      zt = _tile_logits(meta, ht, wt, teacher_layout, j)
+      mt, scale_t = _online(c["mt"], zt)
+      c["mt"], c["st"] = mt, c["st"] * scale_t + jnp.exp(zt - mt[..., None]).sum(-1)
+      c["std"] = c["std"] * scale + (e * (z - zt)).sum(-1)  # sum exp(z - m) (z - zt)
+    return c, None
+
+  zeros = jnp.zeros(targets.shape, jnp.float32)
+  names = (
+    ["s", "sz", "zy"] + ["sb", "sbd"] * (base is not None) + ["st", "std"] * (teacher is not None)
+  )
+  init = {k: zeros for k in names}
+  init.update({k: zeros + _NEG for k in ("m", "mb", "mt")})
+  c, _ = jax.lax.scan(body, init, xs)
+  lse = c["m"] + jnp.log(c["s"])
+  logprob = c["zy"] - lse
+  entropy = lse - c["sz"] / c["s"]  # H = lse - E_p[z]
+  kl_base = lse_base = kl_teacher = lse_teacher = zeros
+  if base is not None:
+    lse_base = c["mb"] + jnp.log(c["sb"])
+    kl_base = c["sbd"] / c["sb"] - lse_base + lse  # E_pb[zb - z] - lse_b + lse
+  if teacher is not None:
+    lse_teacher = c["mt"] + jnp.log(c["st"])
+    kl_teacher = c["std"] / c["s"] - lse + lse_teacher  # E_p[z - zt] - lse + lse_t
+  return (logprob, entropy, kl_base, kl_teacher), (lse, lse_base, lse_teacher)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _tiled(meta, hidden, weights, targets, base, teacher):
+  return _scan_forward(meta, hidden, weights, targets, base, teacher)[0]
+
+
+def _tiled_fwd(meta, hidden, weights, targets, base, teacher):
+  stats, norms = _scan_forward(meta, hidden, weights, targets, base, teacher)
+  # Saved for the backward: the inputs and [B, L] normalisers and statistics, never logits.
+  return stats, (hidden, weights, targets, base, teacher, norms, stats[1], stats[3])
+
+
+def _tiled_bwd(meta, res, cotangents):
+  """One pass over the vocabulary tiles: d z of the tile [B, L, T] in closed form, contracted at
+  once into d hidden (the carry, [B, L, E] float32) and this tile's head gradient (stacked)."""
+  hidden, weights, targets, base, teacher, (lse, lse_b, lse_t), entropy, kl_t = res
+  layout, base_layout, teacher_layout = meta.layouts
+  g_lp, g_h, g_kb, g_kt = (c.astype(jnp.float32)[..., None] for c in cotangents)  # [B, L, 1]
+  tiles = lambda w, lay: _weight_tiles(w, lay, meta.tile, meta.dtype)
+  xs = (
+    jnp.arange(-(-meta.vocab // meta.tile)),
+    tiles(weights, layout),
+    None if base is None else tiles(base[1], base_layout),
+    None if teacher is None else tiles(teacher[1], teacher_layout),
+  )
+  h = meta.rows(hidden.astype(meta.dtype))
+  hb = None if base is None else meta.rows(base[0].astype(meta.dtype))
+  ht = None if teacher is None else meta.rows(teacher[0].astype(meta.dtype))
+  local = targets.astype(jnp.int32)[..., None]  # [B, L, 1]
+
+  def body(d_h, x):
+    j, w, wb, wt = x
+    logp = _tile_logits(meta, h, w, layout, j) - lse[..., None]  # [B, L, T]
+    p = jnp.exp(logp)
+    onehot = (local - j * meta.tile == jnp.arange(meta.tile)).astype(jnp.float32)
+    dz = g_lp * (onehot - p) - g_h * p * (logp + entropy[..., None])
+    if wb is not None:
+      p_b = jnp.exp(_tile_logits(meta, hb, wb, base_layout, j) - lse_b[..., None])
+      dz = dz + g_kb * (p - p_b)
+    if wt is not None:
+      logp_t = _tile_logits(meta, ht, wt, teacher_layout, j) - lse_t[..., None]
+      dz = dz + g_kt * p * (logp - logp_t - kl_t[..., None])
+    dz = meta.rows(dz.astype(meta.dtype))
+    if layout == "ev":  # z = h W: dh = dz W^T, dW = h^T dz
+      d_hj = jnp.einsum("blt,et->ble", dz, w, preferred_element_type=jnp.float32)
+      d_w = jnp.einsum("ble,blt->et", h, dz, preferred_element_type=jnp.float32)
+    else:  # z = h W^T with W [V, E]: dh = dz W, dW = dz^T h
+      d_hj = jnp.einsum("blt,te->ble", dz, w, preferred_element_type=jnp.float32)
+      d_w = jnp.einsum("blt,ble->te", dz, h, preferred_element_type=jnp.float32)
+    return meta.rows(d_h + d_hj), meta.head(d_w.astype(weights.dtype))
+
+  d_hidden, d_tiles = jax.lax.scan(body, jnp.zeros(hidden.shape, jnp.float32), xs)
+  if layout == "ev":  # [N, E, T] -> [E, V]
+    d_weights = jnp.moveaxis(d_tiles, 0, 1).reshape(weights.shape[0], -1)[:, : meta.vocab]
+  else:  # [N, T, E] -> [V, E]
+    d_weights = d_tiles.reshape(-1, weights.shape[1])[: meta.vocab]
+  frozen = lambda head: None if head is None else jax.tree.map(jnp.zeros_like, head)
+  return (d_hidden.astype(hidden.dtype), meta.head(d_weights), None, frozen(base),
+          frozen(teacher))  # fmt: skip
+
+
+_tiled.defvjp(_tiled_fwd, _tiled_bwd)
 
 
 def _log_softmax_parts(z):
   """float32 logits [..., V] -> (log p, log-normaliser [...])."""
   lse = jax.nn.logsumexp(z, axis=-1)
   return z - lse[..., None], lse
-
-
-def _tile_forward(meta, h, w, y, base, teacher):
-  """One tile's statistics and log-normalisers: every output [B, T] float32."""
-  _, dtype, (layout, base_layout, teacher_layout) = meta
-  z = head_logits(h, w, layout, dtype)  # [B, T, V]
-  logp, lse = _log_softmax_parts(z)
-  p = jnp.exp(logp)
-  logprob = jnp.take_along_axis(logp, y[..., None], axis=-1)[..., 0]
-  entropy = -jnp.sum(p * logp, axis=-1)
-  zeros = jnp.zeros_like(lse)
-  kl_base = lse_base = kl_teacher = lse_teacher = zeros
-  if base is not None:
-    logp_b, lse_base = _log_softmax_parts(head_logits(base[0], base[1], base_layout, dtype))
-    kl_base = jnp.sum(jnp.exp(logp_b) * (logp_b - logp), axis=-1)
-  if teacher is not None:
-    logp_t, lse_teacher = _log_softmax_parts(
-      head_logits(teacher[0], teacher[1], teacher_layout, dtype)
-    )
-    kl_teacher = jnp.sum(p * (logp - logp_t), axis=-1)
-  return (logprob, entropy, kl_base, kl_teacher), (lse, lse_base, lse_teacher)
-
-
-def _scan_forward(meta, hidden, weights, targets, base, teacher):
-  tile = meta[0]
-  xs = (
-    _to_tiles(hidden, tile),
-    _to_tiles(targets.astype(jnp.int32), tile),
-    None if base is None else _to_tiles(base[0], tile),
-    None if teacher is None else _to_tiles(teacher[0], tile),
-  )
-
-  def body(_, x):
-    h, y, hb, ht = x
-    b = None if base is None else (hb, base[1])
-    t = None if teacher is None else (ht, teacher[1])
-    return None, _tile_forward(meta, h, weights, y, b, t)
-
-  _, (stats, norms) = jax.lax.scan(body, None, xs)
-  return stats, norms  # tuples of [N, B, T]
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _tiled(meta, hidden, weights, targets, base, teacher):
-  stats, _ = _scan_forward(meta, hidden, weights, targets, base, teacher)
-  return tuple(_from_tiles(s, _padded(hidden, meta[0])) for s in stats)
-
-
-def _padded(hidden, tile):
-  return -(-hidden.shape[1] // tile) * tile
-
-
-def _tiled_fwd(meta, hidden, weights, targets, base, teacher):
-  stats, norms = _scan_forward(meta, hidden, weights, targets, base, teacher)
-  out = tuple(_from_tiles(s, _padded(hidden, meta[0])) for s in stats)
-  # Saved for the backward: the inputs plus [N, B, T] normalisers and statistics, never logits.
-  entropy_tiles, kl_teacher_tiles = stats[1], stats[3]
-  return out, (hidden, weights, targets, base, teacher, norms, entropy_tiles, kl_teacher_tiles)
-
-
-def _tile_logits_grad(meta, h, w, y, base, teacher, norms, stats, cots):
-  """d loss / d z of one tile [B, T, V] float32, from recomputed logits and saved normalisers."""
-  _, dtype, (layout, base_layout, teacher_layout) = meta
-  lse, lse_base, lse_teacher = norms
-  entropy, kl_teacher = stats
-  g_logprob, g_entropy, g_kl_base, g_kl_teacher = (c[..., None] for c in cots)  # [B, T, 1]
-  logp = head_logits(h, w, layout, dtype) - lse[..., None]  # [B, T, V]
-  p = jnp.exp(logp)
-  onehot = jax.nn.one_hot(y, logp.shape[-1], dtype=jnp.float32)
-  dz = g_logprob * (onehot - p) - g_entropy * p * (logp + entropy[..., None])
-  if base is not None:
-    logits_b = head_logits(base[0], base[1], base_layout, dtype)
-    dz = dz + g_kl_base * (p - jnp.exp(logits_b - lse_base[..., None]))
-  if teacher is not None:
-    logp_t = head_logits(teacher[0], teacher[1], teacher_layout, dtype) - lse_teacher[..., None]
-    dz = dz + g_kl_teacher * p * (logp - logp_t - kl_teacher[..., None])
-  return dz
-
-
-def _tiled_bwd(meta, res, cotangents):
-  hidden, weights, targets, base, teacher, norms, entropy_tiles, kl_teacher_tiles = res
-  tile, dtype, (layout, _, _) = meta
-  cots = tuple(_to_tiles(c.astype(jnp.float32), tile) for c in cotangents)  # each [N, B, T]
-  xs = (
-    _to_tiles(hidden, tile),
-    _to_tiles(targets.astype(jnp.int32), tile),
-    None if base is None else _to_tiles(base[0], tile),
-    None if teacher is None else _to_tiles(teacher[0], tile),
-    norms,
-    (entropy_tiles, kl_teacher_tiles),
-    cots,
-  )
-
-  def body(d_weights, x):
-    h, y, hb, ht, norm, stat, cot = x
-    b = None if base is None else (hb, base[1])
-    t = None if teacher is None else (ht, teacher[1])
-    dz = _tile_logits_grad(meta, h, weights, y, b, t, norm, stat, cot).astype(dtype)  # [B, T, V]
-    w = weights.astype(dtype)
-    if layout == "ev":  # z = h W: dh = dz W^T, dW = h^T dz
-      d_h = jnp.einsum("btv,ev->bte", dz, w, preferred_element_type=jnp.float32)
-      d_w = jnp.einsum("bte,btv->ev", h.astype(dtype), dz, preferred_element_type=jnp.float32)
-    else:  # z = h W^T with W [V, E]: dh = dz W, dW = dz^T h
-      d_h = jnp.einsum("btv,ve->bte", dz, w, preferred_element_type=jnp.float32)
-      d_w = jnp.einsum("btv,bte->ve", dz, h.astype(dtype), preferred_element_type=jnp.float32)
-    return d_weights + d_w, d_h.astype(hidden.dtype)
-
-  zero = jnp.zeros(weights.shape, jnp.float32)
-  d_weights, d_hidden = jax.lax.scan(body, zero, xs)
-  d_hidden = _from_tiles(d_hidden, hidden.shape[1])
-  frozen = lambda head: None if head is None else jax.tree.map(jnp.zeros_like, head)
-  return d_hidden, d_weights.astype(weights.dtype), None, frozen(base), frozen(teacher)
-
-
-_tiled.defvjp(_tiled_fwd, _tiled_bwd)
 
 
 def dense_head_stats(

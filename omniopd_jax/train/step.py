@@ -76,7 +76,7 @@ def state_shardings(abstract_state: TrainState, mesh, rules=sharding.DEFAULT_RUL
   return TrainState(step=replicated, params=param_shardings, opt_state=opt, rng=replicated)
 
 
-def response_hidden(graphdef, params, batch, remat=False, attention="dense"):
+def response_hidden(graphdef, params, batch, remat=False, attention="dense", constrain=None):
   """(final hidden states predicting each response token [B, L, E], the merged model).
 
   batch["tokens"] is [B, P + L] (left-padded prompt then response). Position P - 1 + i predicts
@@ -86,36 +86,54 @@ def response_hidden(graphdef, params, batch, remat=False, attention="dense"):
   tokens, mask = batch["tokens"], batch["attention_mask"]
   length = batch["response_mask"].shape[1]
   hidden = model.hidden_states(
-    tokens[:, :-1], mask[:, :-1], remat=remat, attention=attention
+    tokens[:, :-1], mask[:, :-1], remat=remat, attention=attention, constrain=constrain
   )  # [B, P + L - 1, E]
   return hidden[:, -length:], model
 
 
-def response_logits(graphdef, params, batch, remat=False, attention="dense") -> jax.Array:
+def response_logits(
+  graphdef, params, batch, remat=False, attention="dense", constrain=None
+) -> jax.Array:
   """Logits predicting each response token: [B, L, V] float32 (the LM head on those L only)."""
-  hidden, model = response_hidden(graphdef, params, batch, remat, attention)
+  hidden, model = response_hidden(graphdef, params, batch, remat, attention, constrain)
   return model.logits(hidden)  # [B, L, V]
 
 
-def response_stats(model_cfg, graphdef, params, batch, base_params=None, teacher=None):
+def response_stats(
+  model_cfg, graphdef, params, batch, base_params=None, teacher=None, mesh=None,
+  rules=sharding.DEFAULT_RULES,
+):  # fmt: skip
   """Per-token log-probs, entropy and KLs [B, L] from the vocabulary-tiled head (ops/).
 
   No [B, L, V] array exists in the forward or the backward pass. The frozen base (and the
   in-process teacher, `teacher` = (graphdef, params)) run their trunks to hidden states without
-  gradient; their heads are recomputed tile by tile beside the student's.
+  gradient; their heads are recomputed tile by tile beside the student's. With a `mesh`, rows
+  stay split over the batch axes and the head gradient keeps the head's own sharding.
   """
   remat = bool(model_cfg.get("remat", False))
   attention = model_cfg.get("attention", "dense")
+  rows = head_sharding = None
+  if mesh is not None:
+    rows = lambda x: jax.lax.with_sharding_constraint(
+      x, sharding.batch_sharding(mesh, x.ndim, rules)
+    )
 
   def head(graphdef, params, remat=False):
-    hidden, model = response_hidden(graphdef, params, batch, remat, attention)
+    hidden, model = response_hidden(graphdef, params, batch, remat, attention, rows)
     return vocab_tiling.Head(hidden, *lm.head_weights(model))
 
   frozen = lambda g, p: None if p is None else head(g, p)  # head_stats stops their gradient
+  student = head(graphdef, params, remat)
+  if mesh is not None:  # the student head's gradient keeps the parameter's sharding
+    axes = ("vocab", "embed") if student.layout == "ve" else ("embed", "vocab")
+    spec = sharding.logical_to_spec(axes, student.weights.shape, mesh, rules)
+    named = jax.sharding.NamedSharding(mesh, spec)
+    head_sharding = lambda w: jax.lax.with_sharding_constraint(w, named)
   return vocab_tiling.head_stats(
-    head(graphdef, params, remat), batch["response_tokens"],
+    student, batch["response_tokens"],
     base=frozen(graphdef, base_params), teacher=None if teacher is None else frozen(*teacher),
-    tile_tokens=int(model_cfg.get("head_tile_tokens", 0)) or None,
+    vocab_tile=int(model_cfg.get("head_vocab_tile", 0)) or None,
+    constrain_rows=rows, constrain_head=head_sharding,
   )  # fmt: skip
 
 
@@ -192,27 +210,34 @@ def make_update_fn(
 
   model_cfg = config.get("model", {})
   tiled = model_cfg.get("head", "dense") == "tiled"
+  rows = sharding.batch_sharding(mesh, 3, rules)  # activations [B, T, E]: rows over batch axes
+  constrain = lambda x: jax.lax.with_sharding_constraint(x, rows)  # see CausalLM.hidden_states
 
   def loss_fn(params, base_params, teacher_params, batch):
     if tiled:  # per-token statistics [b, L]; the losses read them in place of logits
       teacher = (teacher_graphdef or graphdef, teacher_params) if use_teacher else None
-      stats = response_stats(
-        model_cfg, graphdef, params, batch, base_params if use_base else None, teacher
-      )
+      base = base_params if use_base else None
+      stats = response_stats(model_cfg, graphdef, params, batch, base, teacher, mesh, rules)
       return method_loss(
         config, stats, stats if use_base else None, stats if use_teacher else None, batch
       )
     remat = bool(model_cfg.get("remat", False))
     attention = model_cfg.get("attention", "dense")
-    logits = response_logits(graphdef, params, batch, remat, attention)  # [b, L, V]
+    logits = response_logits(graphdef, params, batch, remat, attention, constrain)  # [b, L, V]
     base_logits = teacher_logits = None
     if use_base:
       base_logits = jax.lax.stop_gradient(
-        response_logits(graphdef, base_params, batch, attention=attention)
+        response_logits(graphdef, base_params, batch, attention=attention, constrain=constrain)
       )
     if use_teacher:
       teacher_logits = jax.lax.stop_gradient(
-        response_logits(teacher_graphdef or graphdef, teacher_params, batch, attention=attention)
+        response_logits(
+          teacher_graphdef or graphdef,
+          teacher_params,
+          batch,
+          attention=attention,
+          constrain=constrain,
+        )
       )
     loss, aux = method_loss(config, logits, base_logits, teacher_logits, batch)
     return loss, aux
