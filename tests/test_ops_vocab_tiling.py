@@ -147,6 +147,7 @@ def test_mismatched_inputs_are_rejected_with_a_reason():
 def test_default_tile_is_bounded_and_a_power_of_two():
   assert vt.default_vocab_tile(151936, 8 * 8192) == 512
   assert vt.default_vocab_tile(64, 10) == 64
+  assert vt.default_vocab_tile(151936, 16) == vt.MAX_TILE  # short rows: still a slice of the head
   t = vt.default_vocab_tile(151936, 4096)
   assert t & (t - 1) == 0 and t * 4096 * 4 <= vt.TILE_BYTES
 

@@ -275,3 +275,17 @@ def test_paper_scale_goals_of_the_scale_issue():
     assert plan.min_micro_batches(config, cfg, mesh, chip, remat=True) is not None
     config.model.update(head="dense", attention="dense")
     assert plan.min_micro_batches(config, cfg, mesh, chip, remat=True) is None
+
+
+def test_compiled_tiled_update_needs_less_temporary_memory():
+  """XLA's memory analysis of the real update (8 CPU devices, fsdp): the tiled head and blockwise
+  attention need a fraction of the dense path's temporaries once the vocabulary dominates."""
+  cfg = hf.config_from_hf(dict(HF_SMALL, vocab_size=4096, num_hidden_layers=1))
+  mesh = dict(data=1, fsdp=8, tensor=1)
+  temps = {}
+  for head, attention in (("dense", "dense"), ("tiled", "blockwise")):
+    config = small_config(**{"model.head": head, "model.attention": attention,
+                             "model.head_vocab_tile": 256})  # fmt: skip
+    config.batch_size, config.max_prompt_len, config.rollout.max_new_tokens = 8, 16, 256
+    temps[head] = plan.compiled_update_memory(config, cfg, mesh)["temp"]
+  assert temps["tiled"] * 3 < temps["dense"], temps

@@ -36,7 +36,8 @@ import jax
 import jax.numpy as jnp
 
 HEAD_LAYOUTS = ("ev", "ve")  # "ev": an lm_head kernel [E, V]; "ve": tied embeddings [V, E]
-TILE_BYTES = 128 * 1024**2  # default tile: one row's float32 logits tile stays under this
+TILE_BYTES = 128 * 1024**2  # default tile: the batch's float32 [B * L, T] logits stay under this
+MAX_TILE = 8192  # and at most this many entries: one [E, T] slice of the head, not all of it
 
 
 class HeadStats(NamedTuple):
@@ -57,9 +58,9 @@ class Head(NamedTuple):
 
 
 def default_vocab_tile(vocab_size: int, tokens: int) -> int:
-  """Vocabulary entries per tile: a power of two (>= 128) whose float32 [tokens, T] logits tile
-  fits TILE_BYTES, at most the vocabulary. `tokens` is B x L of the (global) batch."""
-  t = max(TILE_BYTES // (4 * tokens), 128)
+  """Vocabulary entries per tile: a power of two in [128, MAX_TILE] whose float32 [tokens, T]
+  logits fit TILE_BYTES, at most the vocabulary. `tokens` is B x L of the (global) batch."""
+  t = min(max(TILE_BYTES // (4 * tokens), 128), MAX_TILE)
   return max(1, min(2 ** int(math.log2(t)), vocab_size))
 
 

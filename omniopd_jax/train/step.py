@@ -207,6 +207,7 @@ def make_update_fn(
   micro = max(int(config.micro_batches), 1)
   use_base = needs_base(config)
   use_teacher = config.method == "opd" and config.opd.estimator == "full_vocab"
+  teacher_graphdef = graphdef if teacher_graphdef is None else teacher_graphdef
 
   model_cfg = config.get("model", {})
   tiled = model_cfg.get("head", "dense") == "tiled"
@@ -215,7 +216,7 @@ def make_update_fn(
 
   def loss_fn(params, base_params, teacher_params, batch):
     if tiled:  # per-token statistics [b, L]; the losses read them in place of logits
-      teacher = (teacher_graphdef or graphdef, teacher_params) if use_teacher else None
+      teacher = (teacher_graphdef, teacher_params) if use_teacher else None
       base = base_params if use_base else None
       stats = response_stats(model_cfg, graphdef, params, batch, base, teacher, mesh, rules)
       return method_loss(
@@ -232,7 +233,7 @@ def make_update_fn(
     if use_teacher:
       teacher_logits = jax.lax.stop_gradient(
         response_logits(
-          teacher_graphdef or graphdef,
+          teacher_graphdef,
           teacher_params,
           batch,
           attention=attention,
