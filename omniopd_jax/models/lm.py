@@ -360,8 +360,8 @@ def _no_cache_mask(attention_mask, segment_ids, attention: str):
   impl = attention_ops.resolve(attention)
   segments = attention_mask.astype(jnp.int32) if segment_ids is None else segment_ids
   segments = jnp.where(attention_mask, segments, 0).astype(jnp.int32)  # [B, T]
-  if impl != "dense":
-    return SegmentMask(segments, impl)
+  if impl != "dense":  # "auto" stays unresolved: the op also looks at the dtype
+    return SegmentMask(segments, attention)
   t = attention_mask.shape[-1]
   causal = jnp.arange(t)[None, :] <= jnp.arange(t)[:, None]  # [T, T]
   if segment_ids is None:  # exactly the historical mask: causal, over real keys

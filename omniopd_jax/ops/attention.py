@@ -16,7 +16,7 @@ Implementations (`IMPLEMENTATIONS`, chosen by `model.attention`):
               layout), which the causal mask plus key lengths then describe exactly.
   splash      the TPU Pallas splash-attention kernel JAX ships (per kv-head MQA, segment ids).
   pallas_gpu  the GPU Pallas (Triton) flash-attention kernel JAX ships (segment ids).
-  auto        cudnn on GPU, blockwise elsewhere.
+  auto        cudnn on GPU (bfloat16/float16 inputs), blockwise elsewhere.
 The two Pallas kernels run on the CPU in interpret mode (`interpret=True`), which is how the
 tests check them; they see one device's rows (wrap them in shard_map for a sharded batch).
 """
@@ -46,6 +46,8 @@ def attention(q, k, v, segment_ids, *, implementation="auto", scale=None, block=
   impl = resolve(implementation)
   scale = q.shape[-1] ** -0.5 if scale is None else scale
   segment_ids = segment_ids.astype(jnp.int32)
+  if implementation == "auto" and impl == "cudnn" and q.dtype not in (jnp.bfloat16, jnp.float16):
+    impl = "blockwise"  # cuDNN's flash attention takes half precision only
   if impl == "blockwise":
     return blockwise_attention(q, k, v, segment_ids, scale=scale, block=block)
   if impl in ("xla", "cudnn"):
