@@ -70,3 +70,38 @@ def test_bad_configs_are_rejected_with_the_field_name():
     cfg = model_lib.ModelConfig(**TINY)
     m = model_lib.CausalLM(cfg)
     m(jnp.zeros((1, 1), jnp.int32), cache=m.init_cache(1, 4))
+
+
+FAMILIES = [("llama", {}), ("qwen2", {"qkv_bias": True}),
+            ("qwen3", {"qk_norm": True, "head_dim": 16})]  # fmt: skip
+
+
+@pytest.mark.parametrize("architecture,extra", FAMILIES)
+@pytest.mark.parametrize("attention", ["blockwise", "xla"])
+def test_fused_attention_equals_dense_on_real_tokens(architecture, extra, attention):
+  """Left-padded prompt + right-padded response rows: the update's layout."""
+  cfg = model_lib.ModelConfig(architecture=architecture, **TINY, **extra)
+  model = model_lib.CausalLM(cfg, rngs=nnx.Rngs(2))
+  ids = jnp.asarray(np.random.RandomState(0).randint(0, 64, size=(3, 21)))
+  mask = np.ones((3, 21), bool)
+  mask[0, :4] = mask[1, 15:] = False
+  mask[2, :2] = mask[2, 19:] = False
+  dense = model.hidden_states(ids, jnp.asarray(mask))
+  fused = model.hidden_states(ids, jnp.asarray(mask), attention=attention)
+  np.testing.assert_allclose(np.asarray(fused)[mask], np.asarray(dense)[mask], atol=1e-4)
+
+
+def test_packed_rows_equal_the_sequences_alone():
+  """Two sequences packed in one row with segment ids and restarting positions."""
+  cfg = model_lib.ModelConfig(architecture="qwen3", **TINY, qk_norm=True)
+  model = model_lib.CausalLM(cfg, rngs=nnx.Rngs(3))
+  rng = np.random.RandomState(1)
+  a, b = rng.randint(0, 64, size=(1, 7)), rng.randint(0, 64, size=(1, 5))
+  packed = jnp.asarray(np.concatenate([a, b], 1))
+  seg = jnp.asarray([[1] * 7 + [2] * 5])
+  pos = jnp.asarray([list(range(7)) + list(range(5))])
+  alone = [np.asarray(model.hidden_states(jnp.asarray(x))) for x in (a, b)]
+  for attention in ("dense", "blockwise"):
+    out = np.asarray(model.hidden_states(packed, None, pos, segment_ids=seg, attention=attention))
+    np.testing.assert_allclose(out[:, :7], alone[0], atol=1e-5)
+    np.testing.assert_allclose(out[:, 7:], alone[1], atol=1e-5)

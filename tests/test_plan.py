@@ -184,6 +184,7 @@ def test_presets_match_published_sizes():
   assert counts["llama3.2-1b"] == 1_235_814_400
   assert round(counts["qwen3-0.6b"] / 1e9, 2) == 0.60
   assert round(counts["qwen3-1.7b"] / 1e9, 2) == 1.72
+  assert counts["qwen3-4b"] == 4_022_468_096 and counts["qwen3-8b"] == 8_190_735_360
   q = hf.config_from_hf(plan.PRESETS["qwen3-1.7b"])
   assert (q.num_hidden_layers, q.hidden_size, q.num_attention_heads) == (28, 2048, 16)
   assert (q.num_key_value_heads, q.dim_per_head, q.intermediate_size) == (8, 128, 6144)
@@ -248,3 +249,43 @@ def test_cli_with_compile(tmp_path):
   assert compiled["argument"] == data["phases"]["resident"] + batch + 12
   assert compiled["alias"] > 0  # the state is donated
   assert 0.5 < data["phases"]["update"] / compiled["temp"] < 2.0
+
+
+def test_tiled_head_and_fused_attention_lines():
+  """The update's head line counts vocabulary tiles, not [u, L, V]; fused attention drops T^2."""
+  dense = small_config()
+  tiled = small_config(**{"model.head": "tiled", "model.attention": "blockwise",
+                          "model.head_vocab_tile": 32})  # fmt: skip
+  mesh = dict(data=1, fsdp=8, tensor=1)
+  p_dense, p_tiled = plan.plan(dense, small_model(), mesh), plan.plan(tiled, small_model(), mesh)
+  rows, length, seq = 2, 32, 64 + 32 - 1
+  # Student and base: 3 float32 [u, L, T] arrays each, their hidden states, the float32 carry.
+  assert p_tiled["logits"] == 3 * 2 * rows * length * 32 * 4 + rows * length * 64 * (2 * 4 + 4)
+  scores = 4 * seq * (12 + 4) - 4 * 4  # per token: dense scores minus the fused lse
+  assert p_dense["activations"] - p_tiled["activations"] == 2 * rows * seq * scores
+
+
+def test_paper_scale_goals_of_the_scale_issue():
+  """Qwen3-1.7B batch 64 (8192 new tokens) fits a v5e-8 and Qwen3-8B batch 64 fits 8xH100."""
+  mesh = dict(data=1, fsdp=8, tensor=1)
+  for preset, chip in (("qwen3-1.7b", "v5e"), ("qwen3-8b", "H100")):
+    config = math_config.get_config("pod")
+    config.batch_size, config.rollout.max_new_tokens = 64, 8192
+    cfg = plan.model_config(config, preset=preset)
+    assert plan.min_micro_batches(config, cfg, mesh, chip, remat=True) is not None
+    config.model.update(head="dense", attention="dense")
+    assert plan.min_micro_batches(config, cfg, mesh, chip, remat=True) is None
+
+
+def test_compiled_tiled_update_needs_less_temporary_memory():
+  """XLA's memory analysis of the real update (8 CPU devices, fsdp): the tiled head and blockwise
+  attention need a fraction of the dense path's temporaries once the vocabulary dominates."""
+  cfg = hf.config_from_hf(dict(HF_SMALL, vocab_size=4096, num_hidden_layers=1))
+  mesh = dict(data=1, fsdp=8, tensor=1)
+  temps = {}
+  for head, attention in (("dense", "dense"), ("tiled", "blockwise")):
+    config = small_config(**{"model.head": head, "model.attention": attention,
+                             "model.head_vocab_tile": 256})  # fmt: skip
+    config.batch_size, config.max_prompt_len, config.rollout.max_new_tokens = 8, 16, 256
+    temps[head] = plan.compiled_update_memory(config, cfg, mesh)["temp"]
+  assert temps["tiled"] * 3 < temps["dense"], temps

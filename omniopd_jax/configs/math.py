@@ -44,9 +44,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   c.model = ml_collections.ConfigDict()
   c.model.student_path = ""  # HF dir of the student base (also the frozen KL anchor)
-  c.model.dtype = "float32"  # compute dtype: float32 | bfloat16
-  c.model.param_dtype = "float32"  # trained parameter dtype
-  c.model.base_dtype = "float32"  # frozen base copy; bfloat16 halves its memory
+  c.model.dtype = "bfloat16"  # compute dtype: float32 | bfloat16 (loss math is float32 always)
+  c.model.param_dtype = "float32"  # trained (master) parameters and AdamW moments
+  c.model.base_dtype = "bfloat16"  # frozen base copy; bfloat16 halves its memory
+  c.model.head = "tiled"  # tiled (ops/vocab_tiling: never [B, L, V] logits) | dense (reference)
+  c.model.head_vocab_tile = 0  # vocabulary entries per head tile (0: [B*L, T] f32 <= 128 MiB)
+  c.model.attention = "auto"  # update: auto | dense | blockwise | xla | cudnn | splash | pallas_gpu
   c.model.tokenizer_path = ""  # defaults to student_path
   # Build the student/teacher pair in <workdir>/models (experiments.demo_models) instead of
   # loading student_path: "" no | "tiny" random models (:smoke) | "trained" the demo pair (:demo).
@@ -196,6 +199,8 @@ def _smoke(c):
   c.eval_every = 0
   c.model.student_path = ""  # built in <workdir>/models by omniopd_jax.experiments.demo_models
   c.model.build_demo_models = "tiny"
+  c.model.update(dtype="float32", base_dtype="float32")  # CPU-sized models stay float32
+  c.model.update(head="dense", attention="dense")  # tiny models: the reference path, as fast
   c.rollout.max_new_tokens = 32
   c.omniopd.update(num_forks=2, chunk_len=8, num_teacher_samples=3)
   c.scoring.phi = "edit"

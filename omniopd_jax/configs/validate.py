@@ -17,6 +17,7 @@ from omniopd_jax import sharding
 from omniopd_jax.data import prompts as data
 from omniopd_jax.methods import losses, registry, sft
 from omniopd_jax.models import hf
+from omniopd_jax.ops import attention
 from omniopd_jax.reward import posterior, similarity
 from omniopd_jax.rollout import forks
 from omniopd_jax.teacher import backends
@@ -27,6 +28,7 @@ from omniopd_jax.teacher import backends
 OPD_ESTIMATORS = ("sampled", "full_vocab")
 PROMPT_FORMATS = ("text", "token_ids")
 DEMO_MODEL_KINDS = ("", "tiny", "trained")
+HEADS = ("tiled", "dense")  # train/step.make_loss_fn
 # Backends that can continue a prompt given as token ids (methods/collect.py `_uses_ids`).
 TOKEN_ID_BACKENDS = ("openai_completions",)
 
@@ -128,6 +130,9 @@ def _check_model_and_rollout(c: _Checker):
   for key in ("model.dtype", "model.param_dtype", "model.base_dtype"):
     c.choice(key, tuple(hf.DTYPES))
   c.choice("model.build_demo_models", DEMO_MODEL_KINDS)
+  c.choice("model.head", HEADS)
+  c.choice("model.attention", attention.IMPLEMENTATIONS)
+  c.int_at_least("model.head_vocab_tile", 0, " (0: the default tile)")
   c.int_at_least("rollout.max_new_tokens", 1)
   c.number("rollout.temperature", lambda v: v >= 0, ">= 0 (0 means greedy)")
   c.fraction("rollout.top_p", low_open=True)

@@ -2,14 +2,16 @@
 reductions, and the token log-prob (rollout.forks.token_logprobs, one definition for the sampler
 and the losses). Each method's own loss lives in its module (methods/omniopd.py, ...).
 
-Shapes: logits [B, T, V] aligned with targets [B, T] (logits[:, t] predicts targets[:, t]);
+Shapes: logits [B, T, V] aligned with targets [B, T] (logits[:, t] predicts targets[:, t]), or
+the tiled head's HeadStats (ops/vocab_tiling.py: the same per-token values, never [B, T, V]);
 token_mask [B, T] bool marks the tokens that count. Softmax, log-probs and KL are float32.
 """
 
 import jax
 import jax.numpy as jnp
 
-from omniopd_jax.rollout.forks import token_logprobs
+from omniopd_jax.ops.vocab_tiling import HeadStats
+from omniopd_jax.rollout import forks
 
 __all__ = ["REDUCTIONS", "kl_anchor", "kl_to_base", "log_softmax32", "masked_mean",
            "masked_reduce", "token_logprobs"]  # fmt: skip
@@ -22,7 +24,14 @@ def log_softmax32(logits: jax.Array) -> jax.Array:
   return jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
 
 
-def kl_to_base(base_logits: jax.Array, logits: jax.Array) -> jax.Array:
+def token_logprobs(logits, targets: jax.Array) -> jax.Array:
+  """log p(targets) [B, T] float32, from logits [B, T, V] or from the tiled head's HeadStats."""
+  if isinstance(logits, HeadStats):
+    return logits.logprob
+  return forks.token_logprobs(logits, targets)
+
+
+def kl_to_base(base_logits, logits) -> jax.Array:
   """Exact full-vocabulary KL(p_base || p) = sum_v p_base (log p_base - log p) per token.
 
   The base distribution gets no gradient; d KL / d logits = p - p_base.
@@ -30,6 +39,8 @@ def kl_to_base(base_logits: jax.Array, logits: jax.Array) -> jax.Array:
   Returns:
     [B, T] float32.
   """
+  if isinstance(logits, HeadStats):  # computed tile by tile with the base's hidden states
+    return logits.kl_base
   base_logp = jax.lax.stop_gradient(log_softmax32(base_logits))  # [B, T, V]
   logp = log_softmax32(logits)  # [B, T, V]
   return jnp.sum(jnp.exp(base_logp) * (base_logp - logp), axis=-1)

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from omniopd_jax.methods import base, losses
+from omniopd_jax.ops.vocab_tiling import HeadStats
 
 ESTIMATORS = ("sampled", "full_vocab")
 
@@ -78,12 +79,16 @@ def opd_sampled_loss(
   }
 
 
-def reverse_kl_to_teacher(logits: jax.Array, teacher_logits: jax.Array) -> jax.Array:
+def reverse_kl_to_teacher(logits, teacher_logits) -> jax.Array:
   """Exact full-vocabulary reverse KL(p || p_teacher) = sum_v p (log p - log p_teacher) per token.
+
+  `logits` may be the tiled head's HeadStats (its kl_teacher, computed tile by tile).
 
   Returns:
     [B, T] float32; the teacher gets no gradient.
   """
+  if isinstance(logits, HeadStats):
+    return logits.kl_teacher
   if logits.shape[-1] != teacher_logits.shape[-1]:
     raise ValueError(
       f"teacher vocabulary {teacher_logits.shape[-1]} != student vocabulary {logits.shape[-1]}: "

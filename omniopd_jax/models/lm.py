@@ -9,9 +9,12 @@ import dataclasses
 import math
 from typing import Any
 
+import flax.struct
 import jax
 import jax.numpy as jnp
 from flax import nnx
+
+from omniopd_jax.ops import attention as attention_ops
 
 ROPE_TYPES = ("default", "linear", "llama3")
 # Logical axes of the KV cache: keys [B, KV, D, S], values [B, KV, S, D] (see Attention).
@@ -68,6 +71,17 @@ class ModelConfig:
     layer = attn + 3 * e * f + self.mlp_bias * (2 * f + e) + 2 * e + self.qk_norm * 2 * d
     head = 0 if self.tie_word_embeddings else e * self.vocab_size
     return self.vocab_size * e + self.num_hidden_layers * layer + e + head
+
+
+@flax.struct.dataclass
+class SegmentMask:
+  """The training/prefill mask as segment ids [B, T] for a fused attention (ops/attention.py).
+
+  Query t sees key s iff s <= t and both have the same id (0 = padding, 1, 2, ... = sequences).
+  """
+
+  segment_ids: jax.Array  # [B, T] int32
+  implementation: str = flax.struct.field(pytree_node=False, default="blockwise")
 
 
 def _param(rngs, init, shape, axes, dtype):
@@ -164,11 +178,17 @@ class Attention(nnx.Module):
     self.scale = d**-0.5
 
   def __call__(self, x, positions, inv_freq, mask, cache=None, cache_index=None):
-    """x: [B, T, E]; mask: [B, T, S] bool over the key slots; cache: (k, v) or None (init_cache)."""
+    """x: [B, T, E]; mask: [B, T, S] bool over the key slots, or a SegmentMask (no cache) for a
+    fused attention; cache: (k, v) or None (init_cache)."""
     q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)  # [B, T, H|KV, D]
     if self.q_norm is not None:
       q, k = self.q_norm(q), self.k_norm(k)
     q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
+    if isinstance(mask, SegmentMask):  # training / prefill: no [T, T] scores
+      out = attention_ops.attention(
+        q, k, v, mask.segment_ids, implementation=mask.implementation, scale=self.scale
+      )  # [B, T, H, D]
+      return self.o_proj(out), cache
     keys = values = "bskd"  # einsum layouts of k and v: as projected, or as cached
     if cache is not None:
       # Per head, keys are cached as [D, S] and values as [S, D]: both attention matmuls of a
@@ -272,31 +292,40 @@ class CausalLM(nnx.Module):
 
   def hidden_states(
     self, input_ids, attention_mask=None, positions=None, *, cache=None, cache_index=None,
-    remat=False,
+    remat=False, attention="dense", segment_ids=None, constrain=None,
   ):  # fmt: skip
     """Final-norm hidden states [B, T, E] (and the updated cache when one is given).
 
     Without a cache, `attention_mask` is [B, T] over the input tokens. With a cache of S slots, the
     inputs are written at slots `cache_index .. cache_index + T - 1`, and `attention_mask` is
     [B, S] over the cache slots (True for slots holding real tokens, including the new ones).
+
+    Without a cache, `attention` picks the implementation (ops.attention.IMPLEMENTATIONS; "dense":
+    [B, T, T] scores) and `segment_ids` [B, T] (0 = padding) packs several sequences in a row
+    (pass their `positions` too); by default the segments are the attention mask.
+
+    `constrain` (e.g. a with_sharding_constraint to rows over the batch axes) is applied to the
+    residual stream [B, T, E] after the embedding and after every layer: without it, GSPMD may
+    follow the embedding table's fsdp sharding and replicate every row on every device.
     """
+    constrain = constrain or (lambda x: x)
     b, t = input_ids.shape
     if attention_mask is None:
       attention_mask = jnp.ones((b, t) if cache is None else (b, cache[0][1].shape[2]), bool)
     attention_mask = attention_mask.astype(bool)
     if cache is None:
-      q_slots = jnp.arange(t)
       if positions is None:
         positions = jnp.maximum(jnp.cumsum(attention_mask, axis=-1) - 1, 0)
+      mask = _no_cache_mask(attention_mask, segment_ids, attention)
     else:
       if cache_index is None or positions is None:
         raise ValueError("a KV-cache call needs both `cache_index` and `positions`")
       q_slots = cache_index + jnp.arange(t)
-    k_slots = jnp.arange(attention_mask.shape[-1])
-    causal = k_slots[None, :] <= q_slots[:, None]  # [T, S]
-    mask = causal[None] & attention_mask[:, None, :]  # [B, T, S]
+      k_slots = jnp.arange(attention_mask.shape[-1])
+      causal = k_slots[None, :] <= q_slots[:, None]  # [T, S]
+      mask = causal[None] & attention_mask[:, None, :]  # [B, T, S]
     inv_freq = rope_inv_freq(self.config)
-    x = jnp.take(self.embed_tokens[...], input_ids, axis=0).astype(self.dtype)
+    x = constrain(jnp.take(self.embed_tokens[...], input_ids, axis=0).astype(self.dtype))
     new_cache = []
     # remat: keep only each layer's input for the backward pass and recompute the rest (training
     # memory drops from O(layers x activations) to O(layers x hidden); ~1/3 more compute).
@@ -306,6 +335,7 @@ class CausalLM(nnx.Module):
         layer, x, positions, inv_freq, mask, None if cache is None else cache[i], cache_index
       )
       new_cache.append(layer_cache)
+      x = constrain(x)
     x = self.norm(x)
     return x if cache is None else (x, new_cache)
 
@@ -323,6 +353,28 @@ class CausalLM(nnx.Module):
     if cache is None:
       return self.logits(out)
     return self.logits(out[0]), out[1]
+
+
+def _no_cache_mask(attention_mask, segment_ids, attention: str):
+  """The training/prefill mask: [B, T, T] bool for "dense", else a SegmentMask."""
+  impl = attention_ops.resolve(attention)
+  segments = attention_mask.astype(jnp.int32) if segment_ids is None else segment_ids
+  segments = jnp.where(attention_mask, segments, 0).astype(jnp.int32)  # [B, T]
+  if impl != "dense":  # "auto" stays unresolved: the op also looks at the dtype
+    return SegmentMask(segments, attention)
+  t = attention_mask.shape[-1]
+  causal = jnp.arange(t)[None, :] <= jnp.arange(t)[:, None]  # [T, T]
+  if segment_ids is None:  # exactly the historical mask: causal, over real keys
+    return causal[None] & attention_mask[:, None, :]  # [B, T, T]
+  same = segments[:, :, None] == segments[:, None, :]
+  return causal[None] & same & attention_mask[:, None, :]
+
+
+def head_weights(model: "CausalLM") -> tuple[jax.Array, str]:
+  """The LM head as (weights, layout) for ops.vocab_tiling: [E, V] "ev", or tied [V, E] "ve"."""
+  if model.lm_head is None:
+    return model.embed_tokens[...], "ve"
+  return model.lm_head[...], "ev"
 
 
 def abstract_model(cfg: ModelConfig, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32):

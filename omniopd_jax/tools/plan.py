@@ -30,6 +30,8 @@ from omniopd_jax import sharding
 from omniopd_jax.methods import registry
 from omniopd_jax.models import hf
 from omniopd_jax.models import lm as model
+from omniopd_jax.ops import attention as attention_ops
+from omniopd_jax.ops import vocab_tiling
 from omniopd_jax.rollout import sampler
 from omniopd_jax.train import step as train_step
 
@@ -47,6 +49,10 @@ _QWEN3 = dict(
 PRESETS = {
   "qwen3-1.7b": dict(_QWEN3, hidden_size=2048, intermediate_size=6144),
   "qwen3-0.6b": dict(_QWEN3, hidden_size=1024, intermediate_size=3072),
+  "qwen3-4b": dict(_QWEN3, hidden_size=2560, intermediate_size=9728, num_hidden_layers=36,
+                   num_attention_heads=32),
+  "qwen3-8b": dict(_QWEN3, hidden_size=4096, intermediate_size=12288, num_hidden_layers=36,
+                   num_attention_heads=32, tie_word_embeddings=False),
   "llama3.2-1b": dict(
     model_type="llama", vocab_size=128256, hidden_size=2048, intermediate_size=8192,
     num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8, head_dim=64,
@@ -278,28 +284,52 @@ def plan(config, cfg: model.ModelConfig, mesh_sizes: dict[str, int], remat: bool
   u = -(-config.batch_size // (n_rows * micro))
   seq = prompt + length - 1
   teacher = config.method == "opd" and config.opd.estimator == "full_vocab"
-  n_logits = 3 + 3 * use_base + 3 * teacher
-  logits = n_logits * u * length * vocab_dev * 4
+  head_line = _head_line(config, cfg, u, length, vocab_dev, use_base, teacher, c)
   e, f = cfg.hidden_size, ffn_dev
-  per_token = (4 * e + 3 * heads_dev * d + 3 * kv_dev * d + 4 * f) * c + heads_dev * seq * (12 + c)
+  fused = attention_ops.resolve(config.model.get("attention", "dense")) != "dense"
+  # Dense attention saves float32 scores, masked scores and softmax plus the probabilities in c
+  # per query and key; a fused attention saves the float32 log-normaliser per query and head.
+  scores = heads_dev * 4 if fused else heads_dev * seq * (12 + c)
+  per_token = (4 * e + 3 * heads_dev * d + 3 * kv_dev * d + 4 * f) * c + scores
   if remat:  # only each layer's input is saved; one layer's set lives during its backward
     layer_acts = n * u * seq * e * c + u * seq * per_token
     acts_formula = f"{n} x {u} x {seq} x {e} x {c} B + one layer ({u * seq * per_token:,} B)"
   else:
     layer_acts = n * u * seq * per_token
     acts_formula = f"{n} layers x {u} rows x {seq} tokens x {per_token:,} B"
+  attn = "fused attention" if fused else "dense attention"
   lines += [
     Line("gradients", f"gradients ({pdt})" + (", with accumulator" if micro > 1 else ""),
          "update", grads, "like the parameters" + (" x 2" if micro > 1 else "")),
-    Line("logits", "logits, update (float32)", "update", logits,
-         f"{n_logits} x {u} rows x {length} x {vocab_dev} vocab x 4 B"),
-    Line("activations", f"layer activations, update ({'remat' if remat else 'no remat'})",
+    head_line,
+    Line("activations", f"layer activations, update ({'remat' if remat else 'no remat'}, {attn})",
          "update", layer_acts, acts_formula),
   ]  # fmt: skip
   notes = []
   if teacher:
     notes.append("opd full_vocab: the in-process teacher's parameters are not counted")
   return Plan(tuple(lines), dict(mesh_sizes), cfg, tuple(notes))
+
+
+def _head_line(config, cfg, u, length, vocab_dev, use_base, teacher, c) -> Line:
+  """The LM head and the losses' per-vocabulary arrays in the update."""
+  models = 1 + use_base + teacher
+  if config.model.get("head", "dense") != "tiled":
+    n_logits = 3 + 3 * use_base + 3 * teacher
+    return Line("logits", "logits, update (float32)", "update",
+                n_logits * u * length * vocab_dev * 4,
+                f"{n_logits} x {u} rows x {length} x {vocab_dev} vocab x 4 B")  # fmt: skip
+  # ops/vocab_tiling: per vocabulary tile, ~3 float32 [u, L, T] arrays per model (logits,
+  # exponentials, d logits), the hidden states in the compute dtype and the [u, L, E] float32
+  # gradient carry; the head gradient's tiles stay sharded like the head (counted in gradients).
+  tile = int(config.model.get("head_vocab_tile", 0)) or vocab_tiling.default_vocab_tile(
+    cfg.vocab_size, config.batch_size * length
+  )
+  tile = min(tile, vocab_dev)
+  e = cfg.hidden_size
+  size = 3 * models * u * length * tile * 4 + u * length * e * (models * c + 4)
+  return Line("logits", f"head tiles, update (vocab tile {tile})", "update", size,
+              f"3 x {models} models x {u} x {length} x {tile} x 4 B + hidden and its gradient")  # fmt: skip
 
 
 def _rules(config) -> tuple:

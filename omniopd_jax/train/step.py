@@ -16,6 +16,8 @@ from flax import nnx
 
 from omniopd_jax import sharding
 from omniopd_jax.methods import base, registry
+from omniopd_jax.models import lm
+from omniopd_jax.ops import vocab_tiling
 
 
 @flax.struct.dataclass
@@ -71,39 +73,106 @@ def state_shardings(abstract_state: TrainState, mesh, rules=sharding.DEFAULT_RUL
   return TrainState(step=replicated, params=param_shardings, opt_state=opt, rng=replicated)
 
 
-def response_logits(graphdef, params, seq: base.Sequences, remat: bool = False) -> jax.Array:
-  """Logits predicting each response token: [B, L, V] float32 (the dense path).
+def response_hidden(graphdef, params, seq: base.Sequences, remat=False, attention="dense",
+                    constrain=None):  # fmt: skip
+  """(final hidden states predicting each response token [B, L, E], the merged model).
 
   seq.tokens is [B, P + L] (left-padded prompt then response). Position P - 1 + i predicts
-  response token i; the LM head is applied to those L positions only.
+  response token i.
   """
   model = nnx.merge(graphdef, params)
   tokens, mask = seq.tokens, seq.attention_mask
   length = seq.response_mask.shape[1]
-  hidden = model.hidden_states(tokens[:, :-1], mask[:, :-1], remat=remat)  # [B, P + L - 1, E]
-  return model.logits(hidden[:, -length:])  # [B, L, V]
+  hidden = model.hidden_states(
+    tokens[:, :-1], mask[:, :-1], remat=remat, attention=attention, constrain=constrain
+  )  # [B, P + L - 1, E]
+  return hidden[:, -length:], model
 
 
-def make_loss_fn(config, method: base.Method, graphdef, teacher_graphdef=None):
+def response_logits(graphdef, params, seq: base.Sequences, remat=False, attention="dense",
+                    constrain=None) -> jax.Array:  # fmt: skip
+  """Logits predicting each response token: [B, L, V] float32 (the dense path; the LM head on
+  those L positions only)."""
+  hidden, model = response_hidden(graphdef, params, seq, remat, attention, constrain)
+  return model.logits(hidden)  # [B, L, V]
+
+
+def response_stats(
+  model_cfg, graphdef, params, seq: base.Sequences, base_params=None, teacher=None, mesh=None,
+  rules=sharding.DEFAULT_RULES,
+):  # fmt: skip
+  """Per-token log-probs, entropy and KLs [B, L] from the vocabulary-tiled head (ops/).
+
+  No [B, L, V] array exists in the forward or the backward pass. The frozen base (and the
+  in-process teacher, `teacher` = (graphdef, params)) run their trunks to hidden states without
+  gradient; their heads are recomputed tile by tile beside the student's. With a `mesh`, rows
+  stay split over the batch axes and the head gradient keeps the head's own sharding.
+  """
+  remat = bool(model_cfg.get("remat", False))
+  attention = model_cfg.get("attention", "dense")
+  rows = head_sharding = None
+  if mesh is not None:
+    rows = lambda x: jax.lax.with_sharding_constraint(
+      x, sharding.batch_sharding(mesh, x.ndim, rules)
+    )
+
+  def head(graphdef, params, remat=False):
+    hidden, model = response_hidden(graphdef, params, seq, remat, attention, rows)
+    return vocab_tiling.Head(hidden, *lm.head_weights(model))
+
+  frozen = lambda g, p: None if p is None else head(g, p)  # head_stats stops their gradient
+  student = head(graphdef, params, remat)
+  if mesh is not None:  # the student head's gradient keeps the parameter's sharding
+    axes = ("vocab", "embed") if student.layout == "ve" else ("embed", "vocab")
+    spec = sharding.logical_to_spec(axes, student.weights.shape, mesh, rules)
+    named = jax.sharding.NamedSharding(mesh, spec)
+    head_sharding = lambda w: jax.lax.with_sharding_constraint(w, named)
+  return vocab_tiling.head_stats(
+    student, seq.response_tokens,
+    base=frozen(graphdef, base_params), teacher=None if teacher is None else frozen(*teacher),
+    vocab_tile=int(model_cfg.get("head_vocab_tile", 0)) or None,
+    constrain_rows=rows, constrain_head=head_sharding,
+  )  # fmt: skip
+
+
+def make_loss_fn(config, method: base.Method, graphdef, teacher_graphdef=None, mesh=None,
+                 rules=sharding.DEFAULT_RULES):  # fmt: skip
   """loss_fn(params, base_params, teacher_params, batch) -> (loss, aux) of one (micro-)batch.
 
-  The dense loss path, in one place: full [B, L, V] logits of the student (and, when the method
-  asks, of the frozen base and the in-process teacher, without gradient), then the method's loss.
+  The one place logits are made. `model.head="tiled"`: per-token statistics from the
+  vocabulary-tiled head (response_stats), which the losses read in place of logits; "dense": full
+  [B, L, V] logits of the student (and, when the method asks, of the frozen base and the
+  in-process teacher, without gradient). Then the method's loss.
   """
   use_base = method.needs_base(config)
   use_teacher = method.needs_teacher_logits(config)
-  remat = bool(getattr(getattr(config, "model", None), "remat", False))
+  model_cfg = config.get("model", {})
+  remat = bool(model_cfg.get("remat", False))
+  attention = model_cfg.get("attention", "dense")
+  tiled = model_cfg.get("head", "dense") == "tiled"
   teacher_graphdef = graphdef if teacher_graphdef is None else teacher_graphdef
+  constrain = None
+  if mesh is not None:
+    # Activations [B, T, E] keep their rows over the batch axes: left to itself, GSPMD follows the
+    # embedding's fsdp sharding and every device computes every row.
+    rows = sharding.batch_sharding(mesh, 3, rules)
+    constrain = lambda x: jax.lax.with_sharding_constraint(x, rows)
 
   def loss_fn(params, base_params, teacher_params, batch):
-    logits = response_logits(graphdef, params, batch.seq, remat=remat)  # [b, L, V]
+    if tiled:  # per-token statistics [b, L]; the losses read them in place of logits
+      teacher = (teacher_graphdef, teacher_params) if use_teacher else None
+      base_p = base_params if use_base else None
+      stats = response_stats(model_cfg, graphdef, params, batch.seq, base_p, teacher, mesh, rules)
+      return method.loss(
+        config, stats, batch, stats if use_base else None, stats if use_teacher else None
+      )
+    dense = lambda g, p, r=False: response_logits(g, p, batch.seq, r, attention, constrain)
+    logits = dense(graphdef, params, remat)  # [b, L, V]
     base_logits = teacher_logits = None
     if use_base:
-      base_logits = jax.lax.stop_gradient(response_logits(graphdef, base_params, batch.seq))
+      base_logits = jax.lax.stop_gradient(dense(graphdef, base_params))
     if use_teacher:
-      teacher_logits = jax.lax.stop_gradient(
-        response_logits(teacher_graphdef, teacher_params, batch.seq)
-      )
+      teacher_logits = jax.lax.stop_gradient(dense(teacher_graphdef, teacher_params))
     return method.loss(config, logits, batch, base_logits, teacher_logits)
 
   return loss_fn
@@ -159,7 +228,7 @@ def make_update_fn(
   method = registry.get(config.method)
   tx = make_optimizer(config.optimizer, config.num_steps)
   micro = max(int(config.micro_batches), 1)
-  loss_fn = make_loss_fn(config, method, graphdef, teacher_graphdef)
+  loss_fn = make_loss_fn(config, method, graphdef, teacher_graphdef, mesh, rules)
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
   accumulate = make_accumulate_fn(grad_fn, micro)

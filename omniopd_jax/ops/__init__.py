@@ -1,0 +1,1 @@
+"""Memory-bounded device kernels: the vocabulary-tiled head and losses, fused attention."""
