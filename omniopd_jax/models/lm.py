@@ -169,6 +169,9 @@ class Attention(nnx.Module):
     if self.q_norm is not None:
       q, k = self.q_norm(q), self.k_norm(k)
     q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
+    if hasattr(cache, "write_and_attend"):  # a paged decode cache (rollout/paged_cache.py)
+      out, cache = cache.write_and_attend(q, k, v, self.scale)
+      return self.o_proj(out), cache
     keys = values = "bskd"  # einsum layouts of k and v: as projected, or as cached
     if cache is not None:
       # Per head, keys are cached as [D, S] and values as [S, D]: both attention matmuls of a
