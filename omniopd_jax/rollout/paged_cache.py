@@ -110,17 +110,17 @@ def pallas_decode_attention(q, k_pages, v_pages, page_table, lengths, *, impl, i
       pages_per_compute_block=min(8, w // k_splits), interpret=interpret,
     )  # fmt: skip
   if impl == "pallas_tpu":
+    from jax.experimental.pallas import tpu as pltpu
     from jax.experimental.pallas.ops.tpu.paged_attention import paged_attention as tpu_paged
 
-    return tpu_paged(
+    call = lambda: tpu_paged(
       q, k_pages, v_pages, lengths, page_table, pages_per_compute_block=min(8, w & -w)
     )
+    if interpret:  # the TPU kernel takes no interpret flag: Pallas' TPU interpreter runs it
+      with pltpu.force_tpu_interpret_mode():
+        return call()
+    return call()
   raise ValueError(f"attention impl={impl!r}: supported are {ATTENTION_IMPLS}")
-
-
-def default_impl() -> str:
-  """The kernel for the default backend: Pallas on TPU and GPU, pure JAX elsewhere."""
-  return {"tpu": "pallas_tpu", "gpu": "pallas_gpu"}.get(jax.default_backend(), "xla")
 
 
 @struct.dataclass
