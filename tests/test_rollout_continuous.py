@@ -138,6 +138,15 @@ def test_new_prompts_caps_and_seeds_do_not_recompile(model):
   assert sampler.num_traces() == again
 
 
+def test_engine_options_from_config():
+  from omniopd_jax.configs import math as config_lib
+
+  r = config_lib.get_config().rollout
+  r.num_slots, r.page_size = 12, 8
+  assert continuous.EngineOptions.from_config(r) == continuous.EngineOptions(12, 8)
+  assert r.engine in sampler.ENGINES and r.decode_layout == "auto"
+
+
 def test_bad_arguments():
   with pytest.raises(ValueError, match="max_new_tokens_per_row"):
     rows.row_caps([3, 0], 2, 1, 8)

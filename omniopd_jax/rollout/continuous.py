@@ -44,6 +44,12 @@ class EngineOptions:
   attention: str = "xla"  # xla | pallas_gpu | pallas_tpu (see paged_cache.ATTENTION_IMPLS)
   interpret: bool = False  # run a Pallas kernel in interpret mode (CPU tests)
 
+  @classmethod
+  def from_config(cls, rollout) -> "EngineOptions":
+    """From the `config.rollout` fields of the same names (configs/math.py)."""
+    names = ("num_slots", "page_size", "num_pages", "steps_per_sync", "attention")
+    return cls(**{name: rollout[name] for name in names if name in rollout})
+
   def __post_init__(self):
     if self.num_slots < 0 or self.page_size < 1 or self.steps_per_sync < 1:
       raise ValueError(f"need num_slots >= 0, page_size >= 1, steps_per_sync >= 1: {self}")
