@@ -268,7 +268,8 @@ class _Schedule:
       return
     p = self.prompt_tokens.shape[1]
     npp = paged_cache.pages_for(p, self.ps)
-    a = next(x for x in ADMIT_BUCKETS + (len(group),) if x >= len(group))
+    # The bucket above the group, but never more rows than the slots could take at once.
+    a = min(next(x for x in ADMIT_BUCKETS + (len(group),) if x >= len(group)), self.s // self.k)
     n_rows = len(self.emitted)
     tokens = np.zeros((a, p), np.int32)
     mask = np.zeros((a, p), bool)
