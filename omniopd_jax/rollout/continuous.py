@@ -78,7 +78,7 @@ class Engine:
 
   # ---- device programs -------------------------------------------------------------------------
 
-  def _emit(self, slots, out, logits, keys, steps, rows, live):
+  def _emit(self, out, logits, keys, steps, rows, live):
     """Sample each slot's next token and record it in its row of `out` (rows past R: dropped)."""
     token, logprob, entropy = self.sample_fn(logits, keys, steps)  # [S] each
     rows = jnp.where(live, rows, out["tokens"].shape[0])  # a dead slot writes nowhere
@@ -111,7 +111,7 @@ class Engine:
     new_keys = prompt["row_keys"][jnp.minimum(row_ids, n_rows - 1)]  # [A*K]
     keys = slots["key"].at[slot_ids].set(new_keys, mode="drop")
     zero = jnp.zeros_like(row_ids)
-    token, out, ends = self._emit(slots, out, logits, new_keys, zero, row_ids, row_ids < n_rows)
+    token, out, ends = self._emit(out, logits, new_keys, zero, row_ids, row_ids < n_rows)
     live = ~ends & (caps > 1)
     set_ = lambda name, x: slots[name].at[slot_ids].set(x, mode="drop")
     slots = dict(
@@ -150,9 +150,7 @@ class Engine:
       )  # fmt: skip
       pages = [(c.k_pages, c.v_pages) for c in caches]
       logits = jnp.dot(hidden[:, 0].astype(model.dtype), head).astype(jnp.float32)  # [S, V]
-      token, out, ends = self._emit(
-        slots, out, logits, slots["key"], slots["step"], slots["row"], live
-      )
+      token, out, ends = self._emit(out, logits, slots["key"], slots["step"], slots["row"], live)
       step = slots["step"] + live
       slots = dict(
         slots, token=jnp.where(live, token, slots["token"]), length=slots["length"] + live,
@@ -167,10 +165,10 @@ class Engine:
 
   def init_buffers(self, state, n_rows, max_pages):
     """Empty pages, slot state and outputs on the device."""
-    cfg, opts, smp = self.graphdef_config(state), self.options, self.sampling
+    model, opts, smp = nnx.merge(self.graphdef, state), self.options, self.sampling
+    cfg, dtype = model.config, model.dtype
     s, length = opts.num_slots, smp.max_new_tokens
     num_pages = opts.num_pages or s * max_pages + 1
-    dtype = nnx.merge(self.graphdef, state).dtype
     pages = paged_cache.init_pages(
       cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.dim_per_head, num_pages,
       opts.page_size, dtype,
@@ -187,9 +185,6 @@ class Engine:
       "entropy": jnp.zeros((n_rows, length), jnp.float32),
     }
     return pages, slots, out, num_pages
-
-  def graphdef_config(self, state):
-    return nnx.merge(self.graphdef, state).config
 
   def run(self, state, prompt_tokens, prompt_mask, keys, caps, on_row_done=None):
     """Decode every prompt. prompt_tokens/mask [B, P] (left-padded; all-padding rows skipped),
