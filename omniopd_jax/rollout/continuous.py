@@ -236,26 +236,28 @@ class _Schedule:
   def _free_slots(self):
     return [int(i) for i in np.flatnonzero(self.slot_row < 0)]
 
-  def _pages_needed(self, prompt_len) -> int:
-    """Pages a prompt's group takes at admission: shared full pages, a private partial page per
-    sample, and one sync's growth per sample."""
-    full, partial = divmod(int(prompt_len), self.ps)
-    grow = paged_cache.pages_for(self.engine.options.steps_per_sync, self.ps)
-    return full + self.k * (bool(partial) + grow)
+  def _pages_needed(self, i) -> int:
+    """Pages prompt i's group may take by its first sync: the shared full prompt pages, plus per
+    sample its partial page and one sync's growth (never past what its cap allows)."""
+    n = int(self.prompt_len[i])
+    cap = int(self.caps[i * self.k : (i + 1) * self.k].max())
+    full = n // self.ps
+    last = min(n + self.engine.options.steps_per_sync, n + cap - 1)  # tokens cached at most
+    return full + self.k * (max(paged_cache.pages_for(last, self.ps), full + 1) - full)
 
   def _admit(self):
     free = self._free_slots()
     group = []
     while self.waiting and len(free) >= self.k:
       i = self.waiting[0]
-      if self._pages_needed(self.prompt_len[i]) > self.pool.num_free:
+      if self._pages_needed(i) > self.pool.num_free:
         break
       self.waiting.popleft()
       group.append((i, free[: self.k]))
       free = free[self.k :]
     if not group:
       if self.waiting and not (self.slot_row >= 0).any():  # nothing will free a page
-        need = self._pages_needed(self.prompt_len[self.waiting[0]])
+        need = self._pages_needed(self.waiting[0])
         raise MemoryError(
           f"KV page pool too small: a prompt group needs {need} pages, the pool has "
           f"{self.pool.num_pages - 1}; raise rollout.num_pages or lower rollout.steps_per_sync"
@@ -314,9 +316,7 @@ class _Schedule:
       return
     capacity = self._grow()
     window = min(self.max_pages, _next_pow2(max(MIN_WINDOW_PAGES, *map(len, self.owned))))
-    can_admit = self.waiting and self._pages_needed(self.prompt_len[self.waiting[0]]) <= (
-      self.pool.num_free
-    )
+    can_admit = self.waiting and self._pages_needed(self.waiting[0]) <= (self.pool.num_free)
     min_free = self.k if can_admit else self.s + 1
     self.stats["decode_calls"] += 1
     self.pages, self.slots, self.out, steps = self.engine._decode(
