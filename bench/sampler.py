@@ -29,7 +29,7 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 
 from omniopd_jax.models import hf  # noqa: E402
-from omniopd_jax.rollout import sampler
+from omniopd_jax.rollout import sampler  # noqa: E402
 
 # The same converted copy the tests use (tests/conftest.py), so it is converted once per checkout.
 SMOLLM2_DIR = os.path.join(
@@ -192,7 +192,9 @@ def bench_model(name, path, args, use_gpu):
       return out[:, ids.shape[1] :].cpu().numpy()
 
     def run_ours(prompts=prompts, new=new):
-      return sampler.generate(ours, prompts, max_new_tokens=new, temperature=0.0).tokens
+      return sampler.generate(
+        ours, prompts, max_new_tokens=new, temperature=0.0, engine=args.engine
+      ).tokens
 
     def timed(fn):
       t = time.perf_counter()
@@ -275,6 +277,7 @@ def main(argv=None):
     help="smollm2: the real SmolLM2-135M-Instruct (random 135m weights if unavailable)",
   )
   parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+  parser.add_argument("--engine", choices=sampler.ENGINES, default="continuous")
   args = parser.parse_args(argv)
   CompileClock.install()
   if args.quick:
@@ -283,7 +286,8 @@ def main(argv=None):
   use_gpu = jax.default_backend() == "gpu" and torch.cuda.is_available()
   print(
     f"# jax {jax.__version__} on {jax.devices()[0].device_kind}, torch {torch.__version__} on "
-    f"{'cuda' if use_gpu else 'cpu'} ({torch.get_num_threads()} threads), {args.dtype}, greedy"
+    f"{'cuda' if use_gpu else 'cpu'} ({torch.get_num_threads()} threads), {args.dtype}, greedy, "
+    f"{args.engine} engine"
   )
   first = None
   for size in args.model_size:

@@ -216,9 +216,10 @@ def test_top_k_top_p_honoured(models, top_k, top_p):
   assert len(seen) > 2 * 8
 
 
-def test_compiles_once_per_bucket(models):
+@pytest.mark.parametrize("engine,new_programs", [("static", 1), ("continuous", 2)])
+def test_compiles_once_per_bucket(models, engine, new_programs):
   _, ours = models["qwen3"]
-  kw = dict(max_new_tokens=6, temperature=0.7, top_k=5, eos_ids=[2])
+  kw = dict(max_new_tokens=6, temperature=0.7, top_k=5, eos_ids=[2], engine=engine)
   sampler.generate(ours, _prompts(6, (3, 5, 7)), seed=0, **kw)
   before = sampler.num_traces()
   # Same buckets (3 -> 4 rows, <=16 tokens): other prompts, seeds and parameter values.
@@ -229,8 +230,9 @@ def test_compiles_once_per_bucket(models):
   assert sampler.num_traces() == before
   b = sampler.generate(ours, _prompts(6, (3, 5, 7)), seed=0, **kw)
   assert (a.logprobs != b.logprobs).any()  # the new values were really used
-  sampler.generate(ours, _prompts(8, (20,)), seed=0, **kw)  # a longer prompt bucket
-  assert sampler.num_traces() == before + 1
+  # A longer prompt bucket: one new program (continuous: its prefill and a wider decode window).
+  sampler.generate(ours, _prompts(8, (20,)), seed=0, **kw)
+  assert sampler.num_traces() == before + new_programs
 
 
 def test_draft_chunks_share_one_prefill(models):

@@ -63,6 +63,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.rollout.temperature = 1.0  # SPEC: on-policy samples at temperature 1
   c.rollout.top_p = 1.0
   c.rollout.top_k = 0
+  c.rollout.engine = "continuous"  # continuous (slots refilled as rows end) | static (one batch)
+  c.rollout.num_slots = 0  # continuous: rows decoded at once; 0 = one slot per row
+  c.rollout.page_size = 16  # continuous: tokens per KV-cache page
+  c.rollout.num_pages = 0  # continuous: KV pages in the pool; 0 = enough for every slot at its cap
+  c.rollout.steps_per_sync = 32  # continuous: decode steps per device call (slots refill between)
+  c.rollout.attention = "xla"  # continuous decode attention: xla | pallas_gpu | pallas_tpu
+  c.rollout.decode_layout = "auto"  # with a mesh: auto | replicated | tensor | train (no reshard)
 
   c.omniopd = ml_collections.ConfigDict()
   c.omniopd.num_forks = 10  # M: chunk audits per response

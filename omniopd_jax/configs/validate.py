@@ -19,7 +19,7 @@ from omniopd_jax.methods import losses, registry, sft
 from omniopd_jax.models import hf
 from omniopd_jax.ops import attention
 from omniopd_jax.reward import posterior, similarity
-from omniopd_jax.rollout import forks
+from omniopd_jax.rollout import decode_sharding, forks, paged_cache, sampler
 from omniopd_jax.teacher import backends
 
 # Readers without an exported constant: methods/opd.py and train/step.py compare opd.estimator
@@ -137,6 +137,13 @@ def _check_model_and_rollout(c: _Checker):
   c.number("rollout.temperature", lambda v: v >= 0, ">= 0 (0 means greedy)")
   c.fraction("rollout.top_p", low_open=True)
   c.int_at_least("rollout.top_k", 0, " (0: no top-k filter)")
+  c.choice("rollout.engine", sampler.ENGINES)
+  c.choice("rollout.attention", paged_cache.ATTENTION_IMPLS)
+  c.choice("rollout.decode_layout", decode_sharding.LAYOUTS)
+  c.int_at_least("rollout.num_slots", 0, " (0: one slot per row)")
+  c.int_at_least("rollout.num_pages", 0, " (0: enough for every slot at its cap)")
+  c.int_at_least("rollout.page_size", 1)
+  c.int_at_least("rollout.steps_per_sync", 1)
 
 
 def _check_omniopd(c: _Checker):

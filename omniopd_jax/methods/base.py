@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from omniopd_jax.rollout import sampler
+from omniopd_jax.rollout import continuous, sampler
 
 
 @flax.struct.dataclass
@@ -156,6 +156,8 @@ def rollout(ctx: Context, model, prompts, step: int, num_samples: int = 1) -> sa
     top_k=r.top_k, seed=stable_seed(config.seed, step, "rollout", ctx.process_index),
     eos_ids=ctx.eos_ids, num_samples=num_samples, mesh=ctx.rollout_mesh, rules=ctx.rules,
     prompt_len=config.max_prompt_len,  # one static shape per run (and across processes)
+    engine=r.engine, engine_options=continuous.EngineOptions.from_config(r),
+    decode_layout=r.decode_layout,
   )  # fmt: skip
 
 

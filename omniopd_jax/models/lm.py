@@ -184,6 +184,9 @@ class Attention(nnx.Module):
     if self.q_norm is not None:
       q, k = self.q_norm(q), self.k_norm(k)
     q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
+    if hasattr(cache, "write_and_attend"):  # a paged decode cache (rollout/paged_cache.py)
+      out, cache = cache.write_and_attend(q, k, v, self.scale)
+      return self.o_proj(out), cache
     if isinstance(mask, SegmentMask):  # training / prefill: no [T, T] scores
       out = attention_ops.attention(
         q, k, v, mask.segment_ids, implementation=mask.implementation, scale=self.scale

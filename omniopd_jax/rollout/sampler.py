@@ -17,7 +17,8 @@ from jax.sharding import NamedSharding
 
 from omniopd_jax import sharding
 from omniopd_jax.models import lm as model_lib
-from omniopd_jax.rollout import forks
+from omniopd_jax.rollout import continuous, decode_sharding, forks
+from omniopd_jax.rollout import rows as row_identity
 
 # Prompt lengths and batch sizes are rounded up to one of these (then to multiples of the largest),
 # so a training run compiles a handful of programs; the padding wasted is at most a third.
@@ -64,7 +65,7 @@ class SamplingOptions:
 
 def num_traces() -> int:
   """How many times a generate program has been traced (each trace is a compilation)."""
-  return _num_traces
+  return _num_traces + sum(engine.num_traces for engine in _ENGINES.values())
 
 
 def bucket(n: int, buckets: Sequence[int], multiple: int = 1) -> int:
@@ -124,12 +125,25 @@ def filter_logits(logits, top_k: int = 0, top_p: float = 1.0):
   return logits
 
 
-def sample_tokens(logits, key, options: SamplingOptions):
-  """Next tokens [B] int32 from float32 logits [B, V] under the sampling options."""
+def sample_tokens(logits, keys, options: SamplingOptions):
+  """Next tokens [B] int32 from float32 logits [B, V], one PRNG key per row (keys [B])."""
   if options.temperature == 0:
     return jnp.argmax(logits, axis=-1).astype(jnp.int32)
   scaled = filter_logits(logits / options.temperature, options.top_k, options.top_p)
-  return jax.random.categorical(key, scaled, axis=-1).astype(jnp.int32)
+  draw = lambda key, row: jax.random.categorical(key, row, axis=-1)
+  return jax.vmap(draw)(keys, scaled).astype(jnp.int32)
+
+
+def sample_step(logits, row_keys, steps, options: SamplingOptions):
+  """Token [N], its log-prob [N] and entropy [N] at generated index `steps` [N] of each row.
+
+  The draw uses `fold_in(row_key, step)`: a row's sample is a function of its own key and index
+  only, whatever slot, batch or process decodes it.
+  """
+  keys = jax.vmap(jax.random.fold_in)(row_keys, steps)
+  token = sample_tokens(logits, keys, options)  # [N]
+  logprob, entropy = forks.logprob_and_entropy(logits, token)  # [N], [N]
+  return token, logprob, entropy
 
 
 def _lm_head(model):
@@ -175,7 +189,7 @@ def make_generate_fn(
   eos = jnp.asarray(opts.eos_ids or (-1,), jnp.int32)
   length, k_samples = opts.max_new_tokens, opts.num_samples
 
-  def run(state, prompt_tokens, prompt_mask, seed):
+  def run(state, prompt_tokens, prompt_mask, seed, caps):
     global _num_traces
     _num_traces += 1
     model = nnx.merge(graphdef, state)
@@ -201,15 +215,14 @@ def make_generate_fn(
       cache = [(constrain(rep(k), k_sh), constrain(rep(v), v_sh)) for k, v in cache]
       logits, slot_mask, prompt_len, done = map(rep, (logits, slot_mask, prompt_len, done))
     n = b * k_samples
-    key = jax.random.key(seed)
+    keys = row_identity.row_keys(seed, prompt_tokens, prompt_mask, k_samples)  # [N]
     head = _lm_head(model)  # [E, V]
 
     def logits_fn(hidden):  # [N, E] -> [N, V] float32, as model.logits
       return jnp.dot(hidden.astype(model.dtype), head).astype(jnp.float32)
 
     def emit(step, logits, done, out):
-      token = sample_tokens(logits, jax.random.fold_in(key, step), opts)  # [N]
-      logprob, entropy = forks.logprob_and_entropy(logits, token)  # [N], [N]
+      token, logprob, entropy = sample_step(logits, keys, jnp.full((n,), step), opts)  # [N]
       live = ~done
       out = {
         "tokens": out["tokens"].at[:, step].set(jnp.where(live, token, opts.pad_id)),
@@ -217,7 +230,8 @@ def make_generate_fn(
         "logprobs": out["logprobs"].at[:, step].set(jnp.where(live, logprob, 0.0)),
         "entropy": out["entropy"].at[:, step].set(jnp.where(live, entropy, 0.0)),
       }
-      return token, done | (live & jnp.isin(token, eos)), out
+      ends = jnp.isin(token, eos) | (step + 1 >= caps)  # EOS, or the row's own length cap
+      return token, done | (live & ends), out
 
     out = {
       "tokens": jnp.full((n, length), opts.pad_id, jnp.int32),
@@ -255,13 +269,16 @@ def make_generate_fn(
     scalar = NamedSharding(mesh, jax.sharding.PartitionSpec())
     state_sh = None if state is None else sharding.variable_shardings(state, mesh, rules)
     out_sh = dict(tokens=rows, mask=rows, logprobs=rows, entropy=rows, steps=scalar)
-    jitted = jax.jit(run, in_shardings=(state_sh, rows, rows, scalar), out_shardings=out_sh)
+    in_sh = (state_sh, rows, rows, scalar, sharding.batch_sharding(mesh, 1, rules))
+    jitted = jax.jit(run, in_shardings=in_sh, out_shardings=out_sh)
 
-  def generate_fn(state, prompt_tokens, prompt_mask, seed):
+  def generate_fn(state, prompt_tokens, prompt_mask, seed, caps=None):
     # Fixed dtypes, so an int64 numpy array or a Python int seed never makes a second program.
     if isinstance(prompt_tokens, np.ndarray):
       prompt_tokens, prompt_mask = prompt_tokens.astype(np.int32), prompt_mask.astype(bool)
-    return jitted(state, prompt_tokens, prompt_mask, np.uint32(int(seed) % 2**32))
+    if caps is None:  # every row may run to max_new_tokens
+      caps = np.full(prompt_tokens.shape[0] * k_samples, length, np.int32)
+    return jitted(state, prompt_tokens, prompt_mask, np.uint32(int(seed) % 2**32), caps)
 
   generate_fn.jitted = jitted  # for .lower() / cost analysis
   return generate_fn
@@ -269,6 +286,15 @@ def make_generate_fn(
 
 # (graphdef, options, mesh, rules) -> jitted fn; jax.jit then caches one program per input shape.
 _GENERATE_FNS: dict = {}
+# (graphdef, options, engine options) -> continuous.Engine (its jits cache one program per shape).
+_ENGINES: dict = {}
+ENGINES = ("continuous", "static")
+_LAST_STATS: dict = {}
+
+
+def last_stats() -> dict:
+  """Engine, slots, decode steps (and device calls) of the last single-process `generate`."""
+  return dict(_LAST_STATS)
 
 
 def generate(
@@ -286,56 +312,117 @@ def generate(
   mesh=None,
   rules=sharding.DEFAULT_RULES,
   prompt_len: int | None = None,
+  max_new_tokens_per_row: Sequence[int] | None = None,
+  engine: str = "continuous",
+  engine_options: continuous.EngineOptions | None = None,
+  on_row_done: continuous.Callback | None = None,
+  decode_layout: str = "auto",
 ) -> Rollout:
-  """Sample `max_new_tokens` continuations of each prompt (a list of token-id lists).
+  """Sample up to `max_new_tokens` continuations of each prompt (a list of token-id lists).
 
-  Rows stop independently after an id in `eos_ids` (None: run to max_new_tokens). temperature=0
-  is greedy. `num_samples=K` returns K continuations per prompt (rows b*K .. b*K+K-1), sharing one
-  prefill. With a `mesh`, rows are split over its batch axes and the parameters keep their
-  shardings. Compiles once per (batch bucket, prompt bucket, options); parameter values may change
-  freely between calls.
+  Rows stop independently after an id in `eos_ids` (None: run to their cap). temperature=0 is
+  greedy. `num_samples=K` returns K continuations per prompt (rows b*K .. b*K+K-1), sharing one
+  prefill. `max_new_tokens_per_row` caps each row (B*K values, or B, one per prompt). A row's
+  samples depend only on its prompt, the seed and its sample index (see `rows.row_keys`).
+
+  engine="continuous" (default) decodes in `engine_options.num_slots` slots over a paged KV
+  cache, refilling a slot as soon as its row ends (num_slots=0: one slot per row);
+  engine="static" is the single while-loop program of `make_generate_fn`, used for any mesh.
+  `on_row_done(row, tokens, logprobs, entropy)` is called on the host as each row ends (the
+  continuous engine calls it while other rows still decode). Parameter values may change freely
+  between calls: programs compile once per shape bucket. With a mesh, the parameters are first
+  resharded on device into `decode_layout` (auto: replicated when they fit, else tensor-sharded;
+  train: keep their training shardings), rows split over the batch axes.
   """
+  if engine not in ENGINES:
+    raise ValueError(f"engine={engine!r}: one of {ENGINES}")
   options = SamplingOptions(
-    max_new_tokens=max_new_tokens,
-    temperature=temperature,
-    top_p=top_p,
-    top_k=top_k,
-    eos_ids=tuple(eos_ids or ()),
-    pad_id=pad_id,
-    num_samples=num_samples,
-  )
+    max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+    eos_ids=tuple(eos_ids or ()), pad_id=pad_id, num_samples=num_samples,
+  )  # fmt: skip
+  caps = row_identity.row_caps(max_new_tokens_per_row, len(prompts), num_samples, max_new_tokens)
   graphdef, state = nnx.split(model)
+  if engine == "continuous" and mesh is None:
+    out = _generate_continuous(graphdef, state, options, prompts, caps, seed, prompt_len,
+                               engine_options, on_row_done)  # fmt: skip
+  else:
+    if mesh is not None:
+      state, rules = decode_sharding.decode_layout_state(state, mesh, rules, decode_layout)
+    out = _generate_static(graphdef, state, options, prompts, caps, seed, prompt_len, mesh, rules)
+  n = len(prompts) * num_samples
+  rollout = Rollout(*(np.asarray(out[name][:n]) for name in Rollout._fields))
+  if on_row_done is not None and (engine == "static" or mesh is not None):
+    for row in range(n):  # no overlap here: the whole batch ended together
+      k = int(rollout.mask[row].sum())
+      on_row_done(row, rollout.tokens[row, :k], rollout.logprobs[row, :k], rollout.entropy[row, :k])
+  return rollout
+
+
+_row_keys_jit = jax.jit(row_identity.row_keys, static_argnums=3)
+
+
+def _generate_continuous(graphdef, state, options, prompts, caps, seed, prompt_len, eopts, done):
+  n_rows = len(prompts) * options.num_samples
+  eopts = eopts or continuous.EngineOptions()
+  slots = eopts.num_slots or bucket(n_rows, BATCH_BUCKETS)
+  eopts = dataclasses.replace(eopts, num_slots=max(slots, options.num_samples))
+  key = (graphdef, options, eopts)
+  if key not in _ENGINES:
+    _ENGINES[key] = continuous.Engine(graphdef, options, eopts, _sample_fn(options), _lm_head)
+  width = max(prompt_len or 0, max(len(p) for p in prompts)) if prompt_len else None
+  tokens, mask = pad_prompts(prompts, pad_id=options.pad_id, prompt_len=width)
+  keys = _row_keys_jit(np.uint32(seed % 2**32), tokens, mask, options.num_samples)
+  all_caps = np.zeros(len(tokens) * options.num_samples, np.int32)
+  all_caps[:n_rows] = caps
+  out, emitted = _ENGINES[key].run(state, tokens, mask, keys, all_caps, done)
+  _LAST_STATS.clear()
+  _LAST_STATS.update(_ENGINES[key].last_stats, engine="continuous", slots=eopts.num_slots)
+  out = jax.device_get(out)
+  out["mask"] = np.arange(options.max_new_tokens)[None, :] < emitted[:, None]
+  return out
+
+
+def _sample_fn(options):
+  return lambda logits, keys, steps: sample_step(logits, keys, steps, options)
+
+
+def _generate_static(graphdef, state, options, prompts, caps, seed, prompt_len, mesh, rules):
   rules = tuple(rules)
   fn_key = (graphdef, options, mesh, rules)
   if fn_key not in _GENERATE_FNS:
     _GENERATE_FNS[fn_key] = make_generate_fn(graphdef, options, mesh=mesh, rules=rules, state=state)
   fn = _GENERATE_FNS[fn_key]
+  k = options.num_samples
   multiple = 1
   if mesh is not None:
     multiple = int(np.prod([mesh.shape[a] for a in rows_axes(mesh, rules)]))
+  seed = np.uint32(seed % 2**32)
   if mesh is not None and jax.process_count() > 1:
     # Multi-host: every process passes its own rows; the program sees one global batch, so the
     # padded shapes must agree across processes (pass `prompt_len`; the batch is not bucketed).
-    local = int(np.prod([mesh.shape[a] for a in rows_axes(mesh, rules)])) // jax.process_count()
+    local = multiple // jax.process_count()
     size = -(-len(prompts) // max(local, 1)) * max(local, 1)
-    tokens, mask = pad_prompts(prompts, batch_size=size, prompt_len=prompt_len, pad_id=pad_id)
+    tokens, mask = pad_prompts(
+      prompts, batch_size=size, prompt_len=prompt_len, pad_id=options.pad_id
+    )
+    local_caps = np.zeros(size * k, np.int32)
+    local_caps[: len(caps)] = caps
     rows = sharding.batch_sharding(mesh, 2, rules)
     tokens, mask = (jax.make_array_from_process_local_data(rows, x) for x in (tokens, mask))
-    out = fn(state, tokens, mask, np.uint32(seed % 2**32))
-    out = {k: _process_rows(v) for k, v in out.items() if k != "steps"}
-  else:
-    tokens, mask = pad_prompts(
-      prompts, pad_id=pad_id, batch_multiple=multiple,
-      prompt_len=max(prompt_len or 0, max(len(p) for p in prompts)) if prompt_len else None,
-    )  # fmt: skip
-    out = jax.device_get(fn(state, tokens, mask, np.uint32(seed % 2**32)))
-  n = len(prompts) * num_samples
-  return Rollout(
-    tokens=np.asarray(out["tokens"][:n]),
-    mask=np.asarray(out["mask"][:n]),
-    logprobs=np.asarray(out["logprobs"][:n]),
-    entropy=np.asarray(out["entropy"][:n]),
-  )
+    caps_sh = sharding.batch_sharding(mesh, 1, rules)
+    global_caps = jax.make_array_from_process_local_data(caps_sh, local_caps)
+    out = fn(state, tokens, mask, seed, global_caps)
+    return {name: _process_rows(v) for name, v in out.items() if name != "steps"}
+  tokens, mask = pad_prompts(
+    prompts, pad_id=options.pad_id, batch_multiple=multiple,
+    prompt_len=max(prompt_len or 0, max(len(p) for p in prompts)) if prompt_len else None,
+  )  # fmt: skip
+  padded_caps = np.zeros(len(tokens) * k, np.int32)
+  padded_caps[: len(caps)] = caps
+  out = jax.device_get(fn(state, tokens, mask, seed, padded_caps))
+  _LAST_STATS.clear()
+  _LAST_STATS.update(engine="static", slots=len(out["tokens"]), decode_steps=int(out["steps"]))
+  return out
 
 
 def _process_rows(x: jax.Array) -> np.ndarray:
