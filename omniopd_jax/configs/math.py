@@ -138,10 +138,19 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.demo.student_path = "bundled"  # bundled | "" (train here with SFT) | an HF dir to copy
   c.demo.teacher_examples = 8000  # worked chain-sum solutions to train on
   c.demo.teacher_steps = 6000  # teacher SFT steps (4-layer Qwen3, d=128)
-  c.demo.student_steps = 1500  # on a smaller model (2-layer Llama, d=96): weak, not hopeless
-  c.demo.sft_batch_size = 32
+  c.demo.sft_batch_size = 32  # the teacher's
   c.demo.teacher_lr = 2e-3  # peak; cosine decay to 5%
-  c.demo.student_lr = 1e-3
+  # The student base (2-layer Llama, d=128) by demo_models.select_student's rule: constant lr,
+  # stop right after its accuracy jump, then check that SFT still moves it (headroom).
+  c.demo.student_steps = 1500  # at most
+  c.demo.student_lr = 1e-3  # constant
+  c.demo.student_batch_size = 64
+  c.demo.student_eval_every = 50  # greedy validation evals (problems outside the held-out split)
+  c.demo.student_eval_examples = 128
+  c.demo.student_stop_accuracy = 0.3  # stop at the first validation eval at or above this
+  c.demo.headroom_steps = 100  # headroom check: this many more SFT steps x batch_size ...
+  c.demo.headroom_lr = 1e-4  # ... at this (constant) rate ...
+  c.demo.headroom_min_gain = 0.15  # ... must gain this much held-out accuracy (else FAIL printed)
 
   c.smoke_serve_teacher = False  # smoke/demo: start our own teacher server when base_url is ""
 
