@@ -98,3 +98,10 @@ def test_bundled_pair_strong_teacher_weaker_student():
     accuracy[name] = demo_models.greedy_accuracy(model, tok, config.data, examples, 64)
   assert accuracy["teacher"] >= 0.8, accuracy
   assert 0.1 <= accuracy["student"] <= 0.6, accuracy
+  # the shipped student was chosen by the rule, which stopped it early and recorded its checks
+  with open(os.path.join(demo_models.BUNDLED, "demo_student", demo_models.SELECTION_FILE)) as f:
+    record = json.load(f)
+  curve = record["validation_curve"]
+  assert record["stopped_at"] == curve[-1][0] < record["rule"]["student_steps"], record
+  assert curve[-1][1] >= record["rule"]["student_stop_accuracy"] > max(a for _, a in curve[:-1])
+  assert record["held_out_after_sft"] > record["held_out_before"], record
