@@ -2,17 +2,22 @@
 as HF directories under <workdir>/models (so the run itself loads them like any checkpoint).
 
 `:smoke` uses tiny random models. `:demo` trains, in-project, a character-level teacher that is
-strong on worked chain-sum solutions and a weaker student base (fewer layers, fewer steps):
+strong on worked chain-sum solutions and a student base with room to learn (`select_student`: half
+the layers, stopped right after its accuracy jump, with a printed headroom check):
 
-  python -m omniopd_jax.experiments.demo_models --out=/tmp/demo_models            # both, as in the demo
-  python -m omniopd_jax.experiments.demo_models --out=DIR --teacher_steps=30 --student_steps=10   # CI size
+  python -m omniopd_jax.experiments.demo_models --out=/tmp/demo_models             # both
+  python -m omniopd_jax.experiments.demo_models --out=DIR --teacher=bundled        # the shipped pair
+  python -m omniopd_jax.experiments.demo_models --out=DIR --teacher_steps=30 --student_steps=10 \
+      --set=headroom_steps=2                                                          # CI size
 """
 
+import json
 import os
 import shutil
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -26,7 +31,7 @@ from omniopd_jax.models import hf
 from omniopd_jax.models import lm as model_lib
 from omniopd_jax.train import step as train_step
 
-STUDENT = dict(hidden_size=96, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+STUDENT = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=2, num_attention_heads=4,
                num_key_value_heads=2)  # fmt: skip
 TEACHER = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
                num_key_value_heads=2)  # fmt: skip
@@ -34,6 +39,7 @@ TEACHER = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_
 # The shipped pair (fp32 safetensors, ~4 MB together), made on one GPU by this module's own
 # command (see the docstring); `config.demo.teacher_path` / `student_path` = "bundled" copies them.
 BUNDLED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
+SELECTION_FILE = "demo_selection.json"  # the student rule's curve and headroom check, in its dir
 
 # reasoning-gym's chain_sum questions open with this sentence; the demo's chat template drops it,
 # so a prompt reads "Q: 7 + 4 - 2 =\nA: " (a third of the tokens: every step is cheaper).
@@ -73,11 +79,25 @@ def save(model, tokenizer, path: str) -> str:
   return path
 
 
-def sft_train(model, tokenizer, pairs, *, steps, batch_size, learning_rate, seed=0, log=print):
+def sft_train(
+  model,
+  tokenizer,
+  pairs,
+  *,
+  steps,
+  batch_size,
+  learning_rate,
+  seed=0,
+  log=print,
+  min_lr_ratio=0.05,
+  on_step=None,
+):
   """Supervised training of `model` on (prompt ids, response ids) pairs with our own train step.
 
-  AdamW, 5% warmup then cosine decay to 5% of `learning_rate` (the decay matters: a constant rate
-  leaves the arithmetic noisy). Batches are sampled with replacement from `pairs`.
+  AdamW, 5% warmup then cosine decay to `min_lr_ratio` x `learning_rate` (1.0: constant; the
+  teacher decays, which cleans up its arithmetic; the student base does not, see `select_student`).
+  Batches are sampled with replacement from `pairs`. `on_step(step, model)`, when given, runs after
+  every step with the model's current parameters and stops training early by returning True.
   """
   from omniopd_jax.configs import math as math_config
 
@@ -86,9 +106,10 @@ def sft_train(model, tokenizer, pairs, *, steps, batch_size, learning_rate, seed
   config.method = "sft"
   config.num_steps = steps
   config.optimizer.update(learning_rate=learning_rate, warmup_steps=max(steps // 20, 1),
-                          min_lr_ratio=0.05, b2=0.98)  # fmt: skip
+                          min_lr_ratio=min_lr_ratio, b2=0.98)  # fmt: skip
   mesh = sharding.make_mesh([("data", 1), ("fsdp", 1), ("tensor", 1)], devices=jax.devices()[:1])
   graphdef, params = nnx.split(model)
+  params = jax.tree.map(jnp.copy, params)  # the update donates its state: keep `model`'s arrays
   tx = train_step.make_optimizer(config.optimizer, steps)
   state = train_step.init_state(params, tx, seed)
   update = train_step.make_update_fn(config, mesh, graphdef, jax.eval_shape(lambda: state))
@@ -109,13 +130,20 @@ def sft_train(model, tokenizer, pairs, *, steps, batch_size, learning_rate, seed
     if step % max(steps // 10, 1) == 0 or step == steps - 1:
       log(f"  sft step {step + 1}/{steps} loss {float(metrics['train/loss']):.4f} "
           f"({time.time() - start:.0f}s)")  # fmt: skip
+    if on_step is not None:
+      nnx.update(model, state.params)
+      if on_step(step + 1, model):
+        break
   nnx.update(model, state.params)
   return model
 
 
-def greedy_accuracy(model, tokenizer, data_cfg, num_examples: int, max_new_tokens: int) -> float:
-  """Greedy pass@1 on the first `num_examples` held-out problems of `data_cfg`."""
-  examples = data.load_examples(data_cfg, "eval")[:num_examples]
+def greedy_accuracy(
+  model, tokenizer, data_cfg, num_examples: int, max_new_tokens: int, examples=None
+) -> float:
+  """Greedy pass@1 on `examples`, by default the first `num_examples` held-out problems."""
+  if examples is None:
+    examples = data.load_examples(data_cfg, "eval")[:num_examples]
   res = evaluate.evaluate(
     evaluate.sampler_generate_fn(model, tokenizer), tokenizer, examples,
     max_new_tokens=max_new_tokens, batch_size=64, data_cfg=data_cfg,
@@ -123,19 +151,95 @@ def greedy_accuracy(model, tokenizer, data_cfg, num_examples: int, max_new_token
   return float(res["eval/pass@1"])
 
 
-def _train(name, sizes, architecture, config, tokenizer, pairs, *, steps, lr, seed, log):
-  model = model_lib.CausalLM(model_config(tokenizer, architecture, **sizes), rngs=nnx.Rngs(seed))
-  n = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
-  log(f"demo: training the {name} ({architecture}, {n / 1e3:.0f}k parameters, {steps} steps)")
+def validation_examples(data_cfg, n: int, seed: int) -> list[dict]:
+  """n problems of `data_cfg`'s task from generator `seed`, none in the held-out eval split: the
+  student's stopping rule reads these, so the held-out accuracy the demo reports stays unseen."""
+  held_out = {example["question"] for example in data.load_examples(data_cfg, "eval")}
+  cfg = data_cfg.copy_and_resolve_references()
+  cfg.seed, cfg.size = seed, 2 * n
+  kept = [ex for ex in data.load_examples(cfg, "train") if ex["question"] not in held_out]
+  if len(kept) < n:
+    raise ValueError(f"only {len(kept)} validation problems outside the held-out split")
+  return kept[:n]
+
+
+def _train_teacher(config, tokenizer, pairs, *, seed, log):
+  d = config.demo
+  model = _new_model("teacher", TEACHER, "qwen3", tokenizer, d.teacher_steps, seed, log)
   t0 = time.time()
-  sft_train(model, tokenizer, pairs, steps=steps, batch_size=config.demo.sft_batch_size,
-            learning_rate=lr, seed=seed, log=log)  # fmt: skip
+  sft_train(model, tokenizer, pairs, steps=d.teacher_steps, batch_size=d.sft_batch_size,
+            learning_rate=d.teacher_lr, seed=seed, log=log)  # fmt: skip
   acc = greedy_accuracy(
     model, tokenizer, config.data, config.eval.num_examples, config.rollout.max_new_tokens
   )
-  log(f"demo: {name} held-out greedy accuracy {acc:.3f} on {config.eval.num_examples} problems "
+  log(f"demo: teacher held-out greedy accuracy {acc:.3f} on {config.eval.num_examples} problems "
       f"({time.time() - t0:.0f}s)")  # fmt: skip
   return model
+
+
+def _new_model(name, sizes, architecture, tokenizer, steps, seed, log):
+  model = model_lib.CausalLM(model_config(tokenizer, architecture, **sizes), rngs=nnx.Rngs(seed))
+  n = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+  log(f"demo: training the {name} ({architecture}, {n / 1e3:.0f}k parameters, "
+      f"up to {steps} steps)")  # fmt: skip
+  return model
+
+
+def select_student(config, tokenizer, pairs, *, seed, log):
+  """The student base, by a rule chosen so that learning is still visible from it.
+
+  A base trained to convergence with a decayed rate sits on the flat end of its learning curve:
+  nothing (not even SFT on gold solutions) moves it much in a demo's budget. So: SFT at a constant
+  `student_lr`, a greedy validation eval every `student_eval_every` steps, and stop at the first
+  eval at or above `student_stop_accuracy` (right after the jump from ~0 that this task shows).
+  Then the headroom check: a copy trained `headroom_steps` more SFT steps at `headroom_lr` (the
+  comparison's budget: `batch_size` samples a step) must gain at least `headroom_min_gain` of
+  held-out accuracy. Returns (model, record) with the curve and both checks for the model dir.
+  """
+  d = config.demo
+  model = _new_model("student base", STUDENT, "llama", tokenizer, d.student_steps, seed, log)
+  log(f"demo: student rule: constant lr {d.student_lr:g}, batch {d.student_batch_size}; stop at "
+      f"the first validation eval (every {d.student_eval_every} steps) >= "
+      f"{d.student_stop_accuracy:.2f}")  # fmt: skip
+  valid = validation_examples(config.data, d.student_eval_examples, seed=config.seed + 202)
+  max_new = config.rollout.max_new_tokens
+  curve, t0 = [], time.time()
+
+  def after_jump(step, m):
+    if step % d.student_eval_every:
+      return False
+    acc = greedy_accuracy(m, tokenizer, config.data, 0, max_new, examples=valid)
+    curve.append([step, round(acc, 4)])
+    log(f"demo: student step {step} validation accuracy {acc:.3f} ({time.time() - t0:.0f}s)")
+    return acc >= d.student_stop_accuracy
+
+  sft_train(model, tokenizer, pairs, steps=d.student_steps, batch_size=d.student_batch_size,
+            learning_rate=d.student_lr, seed=seed, log=log, min_lr_ratio=1.0,
+            on_step=after_jump)  # fmt: skip
+  stopped = curve[-1][0] if curve else d.student_steps
+  if not curve or curve[-1][1] < d.student_stop_accuracy:
+    log(f"demo: WARNING the student never reached {d.student_stop_accuracy:.2f} in "
+        f"{d.student_steps} steps: the base is the last step")  # fmt: skip
+  record = dict(rule=dict(d.to_dict()), stopped_at=stopped, validation_curve=curve)
+  record.update(headroom(model, config, tokenizer, pairs, seed=seed, log=log))
+  return model, record
+
+
+def headroom(model, config, tokenizer, pairs, *, seed, log) -> dict:
+  """Held-out accuracy of the base and of a copy after `headroom_steps` more SFT steps."""
+  d, n, max_new = config.demo, config.eval.num_examples, config.rollout.max_new_tokens
+  before = greedy_accuracy(model, tokenizer, config.data, n, max_new)
+  trained = nnx.clone(model)
+  sft_train(trained, tokenizer, pairs, steps=d.headroom_steps, batch_size=config.batch_size,
+            learning_rate=d.headroom_lr, seed=seed + 1, log=lambda m: None,
+            min_lr_ratio=1.0)  # fmt: skip
+  after = greedy_accuracy(trained, tokenizer, config.data, n, max_new)
+  ok = after - before >= d.headroom_min_gain
+  log(f"demo: student base held-out {before:.3f}; headroom check: {d.headroom_steps} more SFT "
+      f"steps x {config.batch_size} at lr {d.headroom_lr:g} -> {after:.3f} "
+      f"({after - before:+.3f}, needs >= {d.headroom_min_gain:+.2f}): "
+      f"{'PASS' if ok else 'FAIL'}")  # fmt: skip
+  return dict(held_out_before=before, held_out_after_sft=after, headroom_pass=bool(ok))
 
 
 def build(workdir: str, config, log=print) -> tuple[str, str]:
@@ -166,31 +270,37 @@ def build(workdir: str, config, log=print) -> tuple[str, str]:
 
   d = config.demo
   pairs = None
-  for name, out, source, sizes, arch, steps, lr, seed in (
-    ("teacher", teacher_dir, d.teacher_path, TEACHER, "qwen3", d.teacher_steps, d.teacher_lr,
-     config.seed + 1),
-    ("student base", student_dir, d.student_path, STUDENT, "llama", d.student_steps, d.student_lr,
-     config.seed),
-  ):  # fmt: skip
+  for name, out, source in (
+    ("teacher", teacher_dir, d.teacher_path),
+    ("student base", student_dir, d.student_path),
+  ):
     if _ready(out):
       continue
     if source:
-      path = os.path.join(BUNDLED, f"demo_{name.split()[0]}") if source == "bundled" else source
-      if not _ready(path):
-        raise FileNotFoundError(
-          f"config.demo: {name} source {source!r} -> {path} is not an HF model directory; set it "
-          f"to '' to train the {name} here"
-        )
-      log(f"demo: {name} copied from {path}")
-      shutil.rmtree(out + ".tmp", ignore_errors=True)
-      shutil.copytree(path, out + ".tmp")
-      os.replace(out + ".tmp", out)
+      _copy(name, source, out, log)
       continue
     pairs = pairs or _pairs(config, tokenizer, log)
-    model = _train(name, sizes, arch, config, tokenizer, pairs, steps=steps, lr=lr, seed=seed,
-                   log=log)  # fmt: skip
+    if name == "teacher":
+      save(_train_teacher(config, tokenizer, pairs, seed=config.seed + 1, log=log), tokenizer, out)
+      continue
+    model, record = select_student(config, tokenizer, pairs, seed=config.seed, log=log)
     save(model, tokenizer, out)
+    with open(os.path.join(out, SELECTION_FILE), "w") as f:
+      json.dump(record, f, indent=1)
   return student_dir, teacher_dir
+
+
+def _copy(name, source, out, log):
+  path = os.path.join(BUNDLED, f"demo_{name.split()[0]}") if source == "bundled" else source
+  if not _ready(path):
+    raise FileNotFoundError(
+      f"config.demo: {name} source {source!r} -> {path} is not an HF model directory; set it "
+      f"to '' to train the {name} here"
+    )
+  log(f"demo: {name} copied from {path}")
+  shutil.rmtree(out + ".tmp", ignore_errors=True)
+  shutil.copytree(path, out + ".tmp")
+  os.replace(out + ".tmp", out)
 
 
 def _ready(path: str) -> bool:
@@ -208,17 +318,24 @@ def _pairs(config, tokenizer, log):
 
 def main(argv):
   del argv
+  import ast
+
   from absl import flags
 
-  f = flags.FLAGS
   from omniopd_jax.configs import math as math_config
 
+  f = flags.FLAGS
   config = math_config.get_config("demo")
   config.unlock()
   for name in ("teacher_steps", "student_steps", "teacher_examples"):
     if getattr(f, name):
       config.demo[name] = getattr(f, name)
-  config.demo.teacher_path = config.demo.student_path = ""  # train both here
+  for item in f.set:  # FIELD=VALUE of config.demo, a Python literal
+    field, sep, text = item.partition("=")
+    if not sep or field not in config.demo:
+      raise ValueError(f"--set {item!r}: expected FIELD=VALUE with FIELD in {list(config.demo)}")
+    config.demo[field] = type(config.demo[field])(ast.literal_eval(text))
+  config.demo.teacher_path, config.demo.student_path = f.teacher, ""  # the student: trained here
   build(f.out, config)
   print(f"wrote {f.out}/models/teacher and {f.out}/models/student")
 
@@ -227,8 +344,11 @@ if __name__ == "__main__":
   from absl import app, flags
 
   flags.DEFINE_string("out", None, "Directory; the models go to OUT/models/{teacher,student}.")
+  flags.DEFINE_string("teacher", "", "'' trains the teacher too; 'bundled' or an HF dir copies it.")
   flags.DEFINE_integer("teacher_steps", 0, "Override config.demo.teacher_steps.")
   flags.DEFINE_integer("student_steps", 0, "Override config.demo.student_steps.")
   flags.DEFINE_integer("teacher_examples", 0, "Override config.demo.teacher_examples.")
+  flags.DEFINE_multi_string("set", [], "FIELD=VALUE override of config.demo (repeatable), e.g. "
+                            "--set=headroom_steps=20.")  # fmt: skip
   flags.mark_flag_as_required("out")
   app.run(main)
