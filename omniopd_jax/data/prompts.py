@@ -223,3 +223,9 @@ def make_prompt_iterator(
     max_prompt_len=max_prompt_len,
     num_skipped_rows=sources.num_skipped(rows),
   )
+
+
+def left_truncate(prompts, max_len: int) -> tuple[list[list[int]], int]:
+  """Prompts cut to their last `max_len` tokens, and how many were cut."""
+  cut = sum(len(p) > max_len for p in prompts)
+  return [list(p)[-max_len:] for p in prompts], cut

@@ -6,8 +6,10 @@ becomes one), each at most `data.max_chars` characters. A bad row is an error na
 left out, counted and reported once.
 """
 
+import json
 import logging
 import numbers
+import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -109,3 +111,36 @@ def check_rows(
       name, len(skipped), len(rows), skipped[0],
     )  # fmt: skip
   return CheckedRows(rows, None if not skipped else keep, skipped)
+
+
+def file_rows(path: str) -> list[tuple[str, dict]]:
+  """(location, row) pairs of a JSONL or Parquet file, location like 'file.jsonl line 3'."""
+  if not path:
+    raise ValueError("data.train_path is empty: give a .jsonl or .parquet file of problems")
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{path}: no such data file (check data.train_path / data.eval_path)")
+  if path.endswith(".parquet"):
+    import pyarrow.parquet as pq
+
+    try:
+      rows = pq.read_table(path).to_pylist()
+    except Exception as e:
+      raise ValueError(f"{path}: not a readable Parquet file ({e})") from e
+    return [(f"{path} row {i}", row) for i, row in enumerate(rows)]
+  try:
+    with open(path, encoding="utf-8") as f:
+      lines = f.readlines()
+  except (OSError, UnicodeDecodeError) as e:
+    raise ValueError(f"{path}: not a readable UTF-8 JSONL file ({e})") from e
+  out = []
+  for lineno, line in enumerate(lines, 1):
+    if not line.strip():
+      continue
+    try:
+      row = json.loads(line)
+    except json.JSONDecodeError as e:
+      raise ValueError(f"{path} line {lineno}: not valid JSON ({e.msg}); one object a line") from e
+    if not isinstance(row, dict):
+      raise ValueError(f"{path} line {lineno}: expected a JSON object, got {type(row).__name__}")
+    out.append((f"{path} line {lineno}", row))
+  return out

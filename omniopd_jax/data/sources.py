@@ -4,7 +4,6 @@ every row is checked once when the source is loaded (rows.py).
 """
 
 import json
-import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -143,42 +142,9 @@ def _reasoning_gym_eval(cfg) -> list[Example]:
 # ----------------------------------------------------------------------------- local files
 
 
-def file_rows(path: str) -> list[tuple[str, dict]]:
-  """(location, row) pairs of a JSONL or Parquet file, location like 'file.jsonl line 3'."""
-  if not path:
-    raise ValueError("data.train_path is empty: give a .jsonl or .parquet file of problems")
-  if not os.path.exists(path):
-    raise FileNotFoundError(f"{path}: no such data file (check data.train_path / data.eval_path)")
-  if path.endswith(".parquet"):
-    import pyarrow.parquet as pq
-
-    try:
-      rows = pq.read_table(path).to_pylist()
-    except Exception as e:
-      raise ValueError(f"{path}: not a readable Parquet file ({e})") from e
-    return [(f"{path} row {i}", row) for i, row in enumerate(rows)]
-  try:
-    with open(path, encoding="utf-8") as f:
-      lines = f.readlines()
-  except (OSError, UnicodeDecodeError) as e:
-    raise ValueError(f"{path}: not a readable UTF-8 JSONL file ({e})") from e
-  out = []
-  for lineno, line in enumerate(lines, 1):
-    if not line.strip():
-      continue
-    try:
-      row = json.loads(line)
-    except json.JSONDecodeError as e:
-      raise ValueError(f"{path} line {lineno}: not valid JSON ({e.msg}); one object a line") from e
-    if not isinstance(row, dict):
-      raise ValueError(f"{path} line {lineno}: expected a JSON object, got {type(row).__name__}")
-    out.append((f"{path} line {lineno}", row))
-  return out
-
-
 def _file_examples(cfg, path: str) -> row_checks.CheckedRows:
   qf, af = cfg.question_field, _answer_field(cfg)
-  pairs = file_rows(path)
+  pairs = row_checks.file_rows(path)
   if not pairs:
     raise ValueError(f"{path}: the file holds no problems")
 

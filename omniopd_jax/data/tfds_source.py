@@ -85,10 +85,8 @@ def _local_builder_class():
       return {split: self._generate_examples(path) for split, path in self._jsonl_paths.items()}
 
     def _generate_examples(self, path):
-      from omniopd_jax.data import sources  # imports this module
-
       qf, af = self._fields
-      for i, (where, row) in enumerate(sources.file_rows(path)):
+      for i, (where, row) in enumerate(rows.file_rows(path)):
         try:
           question = rows.text_field(row, qf, "question", max_chars=0, numbers_ok=False)
           answer = rows.text_field(row, af, "answer", max_chars=0, numbers_ok=True)

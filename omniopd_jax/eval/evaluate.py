@@ -139,43 +139,52 @@ def evaluate(
     "eval/response_len": sum(r[2] for r in greedy) / n,
   }
   if num_samples > 1:
-    k = num_samples
-    sampled = run([i for i in range(n) for _ in range(k)], temperature, seed + 1_000_003)
-    per_example = collections.defaultdict(list)
-    for i, text, length, score in sampled:
-      per_example[i].append((text, length, score))
-    pass_k = maj_k = 0.0
-    for i, samples in per_example.items():
-      answers = [grading.extract_answer(text) for text, _, _ in samples]
-      votes = collections.Counter(key for key in map(_vote_key, answers) if key is not None)
-      majority_correct = 0.0
-      if votes:
-        winner = votes.most_common(1)[0][0]  # ties go to the answer seen first
-        first = next(j for j, a in enumerate(answers) if _vote_key(a) == winner)
-        majority_correct = samples[first][2]
-      pass_k += max(score for _, _, score in samples)
-      maj_k += majority_correct
-      records[i]["sample_answers"] = answers
-      records[i]["sample_correct"] = [score for _, _, score in samples]
-      records[i]["majority_correct"] = majority_correct
-    metrics[f"eval/pass@{k}"] = pass_k / n
-    metrics[f"eval/maj@{k}"] = maj_k / n
-    metrics["eval/sample_accuracy"] = sum(r[3] for r in sampled) / len(sampled)
-    metrics["eval/sample_response_len"] = sum(r[2] for r in sampled) / len(sampled)
+    sampled = run([i for i in range(n) for _ in range(num_samples)], temperature, seed + 1_000_003)
+    metrics.update(_sampled_metrics(sampled, records, num_samples))
   metrics["eval/time_s"] = time.time() - start_time
   if out_path:
-    settings = {
-      "num_samples": num_samples,
-      "temperature": temperature,
-      "max_new_tokens": max_new_tokens,
-      "seed": seed,
-    }
-    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
-    tmp = out_path + ".tmp"
-    with open(tmp, "w") as f:
-      json.dump({"metrics": metrics, "settings": settings, "examples": records}, f, indent=1)
-    os.replace(tmp, out_path)  # a reader never sees half a file
+    settings = {"num_samples": num_samples, "temperature": temperature,
+                "max_new_tokens": max_new_tokens, "seed": seed}  # fmt: skip
+    _write_json(out_path, {"metrics": metrics, "settings": settings, "examples": records})
   return metrics
+
+
+def _sampled_metrics(sampled, records: list[dict], k: int) -> dict[str, float]:
+  """eval/pass@k, maj@k, sample_accuracy, sample_response_len from (i, text, length, score)
+  records of k samples per problem; fills each problem's record with its samples' answers."""
+  n = len(records)
+  per_example = collections.defaultdict(list)
+  for i, text, length, score in sampled:
+    per_example[i].append((text, length, score))
+  pass_k = maj_k = 0.0
+  for i, samples in per_example.items():
+    answers = [grading.extract_answer(text) for text, _, _ in samples]
+    votes = collections.Counter(key for key in map(_vote_key, answers) if key is not None)
+    majority_correct = 0.0
+    if votes:
+      winner = votes.most_common(1)[0][0]  # ties go to the answer seen first
+      first = next(j for j, a in enumerate(answers) if _vote_key(a) == winner)
+      majority_correct = samples[first][2]
+    pass_k += max(score for _, _, score in samples)
+    maj_k += majority_correct
+    records[i]["sample_answers"] = answers
+    records[i]["sample_correct"] = [score for _, _, score in samples]
+    records[i]["majority_correct"] = majority_correct
+  return {
+    f"eval/pass@{k}": pass_k / n,
+    f"eval/maj@{k}": maj_k / n,
+    "eval/sample_accuracy": sum(r[3] for r in sampled) / len(sampled),
+    "eval/sample_response_len": sum(r[2] for r in sampled) / len(sampled),
+  }
+
+
+def _write_json(path: str, obj) -> None:
+  """Atomically: a reader never sees half a file."""
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(obj, f, indent=1)
+  os.replace(tmp, path)
 
 
 def sampler_generate_fn(
@@ -187,7 +196,6 @@ def sampler_generate_fn(
   left-truncated to it and padded to exactly it: one static shape for every call (and process).
   """
   from omniopd_jax import sharding
-  from omniopd_jax.methods import base
   from omniopd_jax.rollout import sampler
 
   if eos_ids is None:
@@ -196,7 +204,7 @@ def sampler_generate_fn(
 
   def generate_fn(prompts, max_new_tokens, temperature, seed):
     if prompt_len is not None:
-      prompts, _ = base.left_truncate(prompts, prompt_len)
+      prompts, _ = data.left_truncate(prompts, prompt_len)
     rollout = sampler.generate(
       model, prompts, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed,
       eos_ids=eos_ids, pad_id=pad_id, mesh=mesh, rules=rules or sharding.DEFAULT_RULES,

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from omniopd_jax.data import prompts as prompts_lib
 from omniopd_jax.rollout import continuous, sampler
 
 
@@ -123,12 +124,6 @@ def stable_seed(*parts) -> int:
   return int.from_bytes(digest, "little") & 0x7FFFFFFF
 
 
-def left_truncate(prompts, max_len: int) -> tuple[list[list[int]], int]:
-  """Prompts cut to their last `max_len` tokens, and how many were cut."""
-  cut = sum(len(p) > max_len for p in prompts)
-  return [list(p)[-max_len:] for p in prompts], cut
-
-
 def pack(prompts, responses: np.ndarray, response_mask: np.ndarray, prompt_len: int) -> Sequences:
   """Sequences [B, P + L] from ragged prompts and [B, L] responses (numpy)."""
   b, length = responses.shape
@@ -163,7 +158,7 @@ def rollout(ctx: Context, model, prompts, step: int, num_samples: int = 1) -> sa
 
 def step_prompts(ctx: Context, batch: dict) -> list[list[int]]:
   """This step's prompt ids, left-truncated to config.max_prompt_len."""
-  return left_truncate(batch["prompt_ids"], ctx.config.max_prompt_len)[0]
+  return prompts_lib.left_truncate(batch["prompt_ids"], ctx.config.max_prompt_len)[0]
 
 
 def done(got: Collected) -> Callable[[], Collected]:
