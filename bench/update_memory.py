@@ -51,6 +51,8 @@ def update_config(path: str, args):
   config.rollout.max_new_tokens = args.response
   config.mesh = [("data", 1), ("fsdp", DEVICES), ("tensor", 1)]
   config.model.update(**PATHS[path], remat=args.remat)
+  if args.mlp_chunk is not None:
+    config.model.mlp_chunk = args.mlp_chunk
   return config
 
 
@@ -74,6 +76,9 @@ def main():
   parser.add_argument("--response", type=int, default=8192)
   parser.add_argument("--method", default="omniopd", choices=("omniopd", "grpo", "sft", "opd"))
   parser.add_argument("--remat", action="store_true", help="per-layer rematerialisation")
+  parser.add_argument(
+    "--mlp-chunk", type=int, default=None, help="model.mlp_chunk (default: the config's)"
+  )
   args = parser.parse_args()
   print(
     f"Qwen3-1.7B shape, {args.layers} layers, prompt {args.prompt} + response {args.response}, "
