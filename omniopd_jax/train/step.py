@@ -245,22 +245,31 @@ def make_update_fn(
   def update(state: TrainState, base_params, batch, teacher_params=None):
     batch = method.prepare_batch(config, batch)  # the global batch, before any micro-split
     (loss, aux), grads = accumulate(state.params, base_params, teacher_params, batch)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
+    grad_norm = optax.global_norm(grads)
+    # A non-finite loss leaves the state untouched, so the last good parameters survive. A cond
+    # (not a select over two whole states) lets the optimizer write the new state in place.
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+
+    def step(_):
+      updates, opt_state = tx.update(grads, state.opt_state, state.params)
+      params = optax.apply_updates(state.params, updates)
+      new = TrainState(step=state.step + 1, params=params, opt_state=opt_state, rng=state.rng)
+      return new, optax.global_norm(updates)
+
+    def skip(_):
+      return state, jnp.full((), jnp.nan, jnp.float32)
+
+    new_state, update_norm = jax.lax.cond(finite, step, skip, None)
     metrics = {
       "train/loss": loss,
-      "train/grad_norm": optax.global_norm(grads),
-      "train/param_norm": optax.global_norm(params),
-      "train/update_norm": optax.global_norm(updates),
+      "train/grad_norm": grad_norm,
+      "train/param_norm": optax.global_norm(new_state.params),
+      "train/update_norm": update_norm,
+      "train/loss_finite": finite,
       **{f"train/{k}" if "/" not in k else k: v for k, v in aux.items()},
     }
     if "loss/kl_anchor" in aux:
       metrics["train/kl"] = aux.get("kl/unaudited_mean", aux.get("kl/mean", 0.0))
-    # A non-finite loss leaves the state untouched, so the last good parameters survive.
-    finite = jnp.isfinite(loss) & jnp.isfinite(metrics["train/grad_norm"])
-    metrics["train/loss_finite"] = finite
-    new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state, rng=state.rng)
-    new_state = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new_state, state)
     return new_state, metrics
 
   shardings = state_shardings(abstract_state, mesh, rules)
