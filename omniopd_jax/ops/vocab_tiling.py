@@ -68,8 +68,10 @@ def head_logits(hidden, weights, layout: str, compute_dtype) -> jax.Array:
   """[..., E] x head -> float32 logits [..., V] (the matmul in compute_dtype, float32 result)."""
   h = hidden.astype(compute_dtype)
   w = weights.astype(compute_dtype)
-  contract = 0 if layout == "ev" else 1
-  dims = (((h.ndim - 1,), (contract,)), ((), ()))
+  # Tied [V, E] weights are transposed here, on what is read (a tile): a dot contracting their
+  # trailing axis makes XLA's CPU layout assignment keep a transposed copy of the whole head.
+  w = w if layout == "ev" else w.T  # [E, V]
+  dims = (((h.ndim - 1,), (0,)), ((), ()))
   return jax.lax.dot_general(h, w, dims, preferred_element_type=jnp.float32)
 
 
