@@ -13,7 +13,10 @@ the method's loss, gradients, AdamW) for a Qwen3-1.7B-shaped model cut to `--lay
   tiled  model.head=tiled (ops/vocab_tiling) + model.attention=blockwise (ops/attention)
   dense  model.head=dense + model.attention=dense: [B, L, V] logits and [B, H, T, T] scores
 Both in the paper-scale precision (bfloat16 compute and frozen base, float32 master weights and
-AdamW). Nothing is allocated, so it runs on a laptop; compile time is printed too.
+AdamW) and the config's model.mlp_chunk (MLPs over rematerialised 1024-token chunks; --mlp-chunk 0
+turns it off). Nothing is allocated, so it runs on a laptop; compile time is printed too. XLA's CPU
+backend computes bfloat16 elementwise ops and dots in float32, so CPU temporaries overstate a
+GPU/TPU's for the bfloat16 activations and the bfloat16 frozen base.
 """
 
 import argparse
