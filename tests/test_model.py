@@ -105,3 +105,29 @@ def test_packed_rows_equal_the_sequences_alone():
     out = np.asarray(model.hidden_states(packed, None, pos, segment_ids=seg, attention=attention))
     np.testing.assert_allclose(out[:, :7], alone[0], atol=1e-5)
     np.testing.assert_allclose(out[:, 7:], alone[1], atol=1e-5)
+
+
+@pytest.mark.parametrize("remat", [False, True])
+def test_chunked_mlp_gives_the_same_values_and_gradients(remat):
+  # mlp_chunk runs each layer's MLP over sequence chunks (ops/token_chunks), recomputed in the
+  # backward pass; 11 tokens in chunks of 4 also exercises the padded last chunk.
+  cfg = model_lib.ModelConfig(architecture="qwen3", **TINY, qk_norm=True, head_dim=16)
+  graphdef, params = nnx.split(model_lib.CausalLM(cfg, rngs=nnx.Rngs(3)), nnx.Param)
+  rng = np.random.RandomState(1)
+  ids = jnp.asarray(rng.randint(0, 64, size=(2, 11)))
+  mask = jnp.asarray(np.arange(11)[None] >= np.array([[0], [3]]))  # row 1 left-padded
+
+  def loss(params, chunk):
+    hidden = nnx.merge(graphdef, params).hidden_states(
+      ids, mask, remat=remat, attention="blockwise", mlp_chunk=chunk
+    )
+    return jnp.sum(jnp.where(mask[..., None], jnp.sin(hidden), 0.0)), hidden
+
+  (ref, ref_hidden), ref_grads = jax.value_and_grad(loss, has_aux=True)(params, 0)
+  (out, hidden), grads = jax.value_and_grad(loss, has_aux=True)(params, 4)
+  np.testing.assert_allclose(np.asarray(hidden), np.asarray(ref_hidden), rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(float(out), float(ref), rtol=1e-5, atol=1e-5)  # a sum of ~200
+  for g, r in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads), strict=True):
+    r = np.asarray(r)  # float32 sums in another order: 1e-5 of the tensor's scale
+    np.testing.assert_allclose(np.asarray(g), r, rtol=1e-5, atol=1e-5 * np.abs(r).max())
+  assert any(float(jnp.abs(g).max()) > 0 for g in jax.tree.leaves(grads))

@@ -52,7 +52,9 @@ def run_update(cfg, method, head, attention, full_vocab=False):
   config.method = method
   config.omniopd.update(num_forks=M, chunk_len=4)
   config.opd.estimator = "full_vocab" if full_vocab else "sampled"
+  # The tiled path also runs its MLPs over chunks of 4 of the 15 tokens (ops/token_chunks).
   config.model.update(head=head, attention=attention, head_vocab_tile=4)
+  config.model.mlp_chunk = 4 if head == "tiled" else 0
   config.optimizer.update(learning_rate=1e-2, grad_clip=0.0)
   mesh = sharding.make_mesh([("data", 2), ("fsdp", 4), ("tensor", 1)])
   with jax.set_mesh(mesh):
@@ -98,6 +100,7 @@ def test_tiled_gradients_equal_dense_gradients_with_remat():
 
   def loss(params, head, attention, remat):
     config.model.update(head=head, attention=attention, remat=remat, head_vocab_tile=3)
+    config.model.mlp_chunk = 5 if head == "tiled" else 0  # 15 tokens: three chunks
     if head == "tiled":
       stats = train_step.response_stats(config.model, graphdef, params, batch.seq, base_params)
       return method.loss(config, stats, batch, stats)[0]

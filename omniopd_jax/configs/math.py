@@ -50,6 +50,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model.head = "tiled"  # tiled (ops/vocab_tiling: never [B, L, V] logits) | dense (reference)
   c.model.head_vocab_tile = 0  # vocabulary entries per head tile (0: [B*L, T] f32 <= 128 MiB)
   c.model.attention = "auto"  # update: auto | dense | blockwise | xla | cudnn | splash | pallas_gpu
+  # update: tokens per MLP chunk, recomputed in the backward pass (0: whole sequence at once)
+  c.model.mlp_chunk = 1024
   c.model.tokenizer_path = ""  # defaults to student_path
   # Build the student/teacher pair in <workdir>/models (experiments.demo_models) instead of
   # loading student_path: "" no | "tiny" random models (:smoke) | "trained" the demo pair (:demo).

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from omniopd_jax.ops import attention as attention_ops
+from omniopd_jax.ops import token_chunks
 
 ROPE_TYPES = ("default", "linear", "llama3")
 # Logical axes of the KV cache: keys [B, KV, D, S], values [B, KV, S, D] (see Attention).
@@ -247,12 +248,17 @@ class DecoderLayer(nnx.Module):
     )
     self.mlp = MLP(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
-  def __call__(self, x, positions, inv_freq, mask, cache=None, cache_index=None):
+  def __call__(self, x, positions, inv_freq, mask, cache=None, cache_index=None, mlp_chunk=0):
+    """`mlp_chunk` > 0 (training, no cache): the norm + MLP run over sequence chunks of that
+    many tokens, each recomputed in the backward pass (ops/token_chunks)."""
     h, cache = self.self_attn(
       self.input_layernorm(x), positions, inv_freq, mask, cache, cache_index
     )
     x = x + h
-    return x + self.mlp(self.post_attention_layernorm(x)), cache
+    mlp = lambda x: self.mlp(self.post_attention_layernorm(x))
+    if cache is None and mlp_chunk > 0:
+      return x + token_chunks.map_token_chunks(mlp, x, mlp_chunk), cache
+    return x + mlp(x), cache
 
 
 class CausalLM(nnx.Module):
@@ -295,7 +301,7 @@ class CausalLM(nnx.Module):
 
   def hidden_states(
     self, input_ids, attention_mask=None, positions=None, *, cache=None, cache_index=None,
-    remat=False, attention="dense", segment_ids=None, constrain=None,
+    remat=False, attention="dense", segment_ids=None, constrain=None, mlp_chunk=0,
   ):  # fmt: skip
     """Final-norm hidden states [B, T, E] (and the updated cache when one is given).
 
@@ -310,6 +316,9 @@ class CausalLM(nnx.Module):
     `constrain` (e.g. a with_sharding_constraint to rows over the batch axes) is applied to the
     residual stream [B, T, E] after the embedding and after every layer: without it, GSPMD may
     follow the embedding table's fsdp sharding and replicate every row on every device.
+
+    `mlp_chunk` > 0 (no cache): each layer's MLP runs over sequence chunks of that many tokens,
+    rematerialised, so its [T, intermediate] activations are never all live (same values).
     """
     constrain = constrain or (lambda x: x)
     b, t = input_ids.shape
@@ -330,9 +339,13 @@ class CausalLM(nnx.Module):
     inv_freq = rope_inv_freq(self.config)
     x = constrain(jnp.take(self.embed_tokens[...], input_ids, axis=0).astype(self.dtype))
     new_cache = []
+
+    def call(layer, x, positions, inv_freq, mask, cache, cache_index):  # mlp_chunk stays static
+      return layer(x, positions, inv_freq, mask, cache, cache_index, mlp_chunk)
+
     # remat: keep only each layer's input for the backward pass and recompute the rest (training
     # memory drops from O(layers x activations) to O(layers x hidden); ~1/3 more compute).
-    call = nnx.remat(DecoderLayer.__call__) if remat and cache is None else DecoderLayer.__call__
+    call = nnx.remat(call) if remat and cache is None else call
     for i, layer in enumerate(self.layers):
       x, layer_cache = call(
         layer, x, positions, inv_freq, mask, None if cache is None else cache[i], cache_index

@@ -68,8 +68,10 @@ def head_logits(hidden, weights, layout: str, compute_dtype) -> jax.Array:
   """[..., E] x head -> float32 logits [..., V] (the matmul in compute_dtype, float32 result)."""
   h = hidden.astype(compute_dtype)
   w = weights.astype(compute_dtype)
-  contract = 0 if layout == "ev" else 1
-  dims = (((h.ndim - 1,), (contract,)), ((), ()))
+  # Tied [V, E] weights are transposed here, on what is read (a tile): a dot contracting their
+  # trailing axis makes XLA's CPU layout assignment keep a transposed copy of the whole head.
+  w = w if layout == "ev" else w.T  # [E, V]
+  dims = (((h.ndim - 1,), (0,)), ((), ()))
   return jax.lax.dot_general(h, w, dims, preferred_element_type=jnp.float32)
 
 
@@ -155,24 +157,27 @@ def _check(student, targets, base, teacher):
       )
 
 
-def _weight_tiles(weights, layout, tile, dtype):
-  """Head weights -> [N, E, T] ("ev") or [N, T, E] ("ve") tiles in dtype, zero-padded past V."""
-  axis = 1 if layout == "ev" else 0
-  vocab = weights.shape[axis]
-  n = -(-vocab // tile)
-  pad = [(0, 0), (0, 0)]
-  pad[axis] = (0, n * tile - vocab)
-  w = jnp.pad(weights.astype(dtype), pad)
-  if layout == "ev":
-    return jnp.moveaxis(w.reshape(w.shape[0], n, tile), 1, 0)
-  return w.reshape(n, tile, w.shape[1])
+def _tile_start(meta, j):
+  """First vocabulary entry of tile j. The last tile ends at the vocabulary's end (it overlaps the
+  one before when T does not divide V), so every tile is a slice of the weights as they are: no
+  padded or stacked copy of the head exists."""
+  return jnp.minimum(j * meta.tile, meta.vocab - meta.tile)
+
+
+def _weight_tile(weights, layout, start, tile):
+  """Head entries start .. start + tile - 1: [E, T] ("ev") or [T, E] ("ve"), stored dtype."""
+  return jax.lax.dynamic_slice_in_dim(weights, start, tile, axis=1 if layout == "ev" else 0)
+
+
+def _fresh(meta, j):
+  """[T] bool: the tile's entries that no earlier tile covered (all but the last tile's overlap)."""
+  return _tile_start(meta, j) + jnp.arange(meta.tile) >= j * meta.tile
 
 
 def _tile_logits(meta, h, w_tile, layout, j):
-  """float32 logits [B, L, T] of vocabulary tile j; entries past the vocabulary are -inf-like."""
+  """float32 logits [B, L, T] of tile j; entries an earlier tile covered are -inf-like."""
   z = meta.rows(head_logits(h, w_tile, layout, meta.dtype))
-  real = j * meta.tile + jnp.arange(meta.tile) < meta.vocab  # [T]
-  return jnp.where(real, z, _NEG)
+  return jnp.where(_fresh(meta, j), z, _NEG)
 
 
 _NEG = -1e30  # logits of padded vocabulary entries: exp() underflows to exactly 0
@@ -185,32 +190,41 @@ def _online(m, z):
   return m_new, jnp.exp(m - m_new)
 
 
+def _num_tiles(meta) -> int:
+  return -(-meta.vocab // meta.tile)
+
+
+def _tiles_at(meta, j, weights, base, teacher):
+  """Tile j of the student's, the base's and the teacher's head weights (None where absent)."""
+  start = _tile_start(meta, j)
+  layout, base_layout, teacher_layout = meta.layouts
+  tile = lambda w, lay: meta.head(_weight_tile(w, lay, start, meta.tile))
+  return (
+    tile(weights, layout),
+    None if base is None else _weight_tile(base[1], base_layout, start, meta.tile),
+    None if teacher is None else _weight_tile(teacher[1], teacher_layout, start, meta.tile),
+  )
+
+
 def _scan_forward(meta, hidden, weights, targets, base, teacher):
   """Per-token statistics and log-normalisers [B, L] in one pass over the vocabulary tiles."""
   layout, base_layout, teacher_layout = meta.layouts
-  tiles = lambda w, lay: _weight_tiles(w, lay, meta.tile, meta.dtype)
-  xs = (
-    jnp.arange(-(-meta.vocab // meta.tile)),
-    tiles(weights, layout),
-    None if base is None else tiles(base[1], base_layout),
-    None if teacher is None else tiles(teacher[1], teacher_layout),
-  )
   h = meta.rows(hidden.astype(meta.dtype))
   hb = None if base is None else meta.rows(base[0].astype(meta.dtype))
   ht = None if teacher is None else meta.rows(teacher[0].astype(meta.dtype))
   y = targets.astype(jnp.int32)
 
-  def body(carry, x):
-    j, w, wb, wt = x
+  def body(carry, j):
+    w, wb, wt = _tiles_at(meta, j, weights, base, teacher)
     c = dict(carry)
     z = _tile_logits(meta, h, w, layout, j)  # [B, L, T]
     m, scale = _online(c["m"], z)
     e = jnp.exp(z - m[..., None])
     c["m"], c["s"] = m, c["s"] * scale + e.sum(-1)
     c["sz"] = c["sz"] * scale + (e * z).sum(-1)  # sum_v exp(z - m) z: the entropy's term
-    local = y - j * meta.tile
-    hit = (local >= 0) & (local < meta.tile)
-    picked = jnp.take_along_axis(z, jnp.clip(local, 0, meta.tile - 1)[..., None], -1)[..., 0]
+    hit = (y >= j * meta.tile) & (y < (j + 1) * meta.tile)
+    local = jnp.clip(y - _tile_start(meta, j), 0, meta.tile - 1)
+    picked = jnp.take_along_axis(z, local[..., None], -1)[..., 0]
     c["zy"] = jnp.where(hit, picked, c["zy"])
     if wb is not None:
       zb = _tile_logits(meta, hb, wb, base_layout, j)
@@ -231,7 +245,7 @@ def _scan_forward(meta, hidden, weights, targets, base, teacher):
   )
   init = {k: zeros for k in names}
   init.update({k: zeros + _NEG for k in ("m", "mb", "mt")})
-  c, _ = jax.lax.scan(body, init, xs)
+  c, _ = jax.lax.scan(body, init, jnp.arange(_num_tiles(meta)))
   lse = c["m"] + jnp.log(c["s"])
   logprob = c["zy"] - lse
   entropy = lse - c["sz"] / c["s"]  # H = lse - E_p[z]
@@ -258,27 +272,24 @@ def _tiled_fwd(meta, hidden, weights, targets, base, teacher):
 
 def _tiled_bwd(meta, res, cotangents):
   """One pass over the vocabulary tiles: d z of the tile [B, L, T] in closed form, contracted at
-  once into d hidden (the carry, [B, L, E] float32) and this tile's head gradient (stacked)."""
+  once into d hidden (a [B, L, E] float32 carry) and its slice of the head gradient (a carry of
+  the head's shape, written in place)."""
   hidden, weights, targets, base, teacher, (lse, lse_b, lse_t), entropy, kl_t = res
   layout, base_layout, teacher_layout = meta.layouts
   g_lp, g_h, g_kb, g_kt = (c.astype(jnp.float32)[..., None] for c in cotangents)  # [B, L, 1]
-  tiles = lambda w, lay: _weight_tiles(w, lay, meta.tile, meta.dtype)
-  xs = (
-    jnp.arange(-(-meta.vocab // meta.tile)),
-    tiles(weights, layout),
-    None if base is None else tiles(base[1], base_layout),
-    None if teacher is None else tiles(teacher[1], teacher_layout),
-  )
   h = meta.rows(hidden.astype(meta.dtype))
   hb = None if base is None else meta.rows(base[0].astype(meta.dtype))
   ht = None if teacher is None else meta.rows(teacher[0].astype(meta.dtype))
-  local = targets.astype(jnp.int32)[..., None]  # [B, L, 1]
+  y = targets.astype(jnp.int32)[..., None]  # [B, L, 1]
+  axis = 1 if layout == "ev" else 0  # the head's vocabulary axis
 
-  def body(d_h, x):
-    j, w, wb, wt = x
+  def body(carry, j):
+    d_h, d_weights = carry
+    w, wb, wt = _tiles_at(meta, j, weights, base, teacher)
+    start = _tile_start(meta, j)
     logp = _tile_logits(meta, h, w, layout, j) - lse[..., None]  # [B, L, T]
-    p = jnp.exp(logp)
-    onehot = (local - j * meta.tile == jnp.arange(meta.tile)).astype(jnp.float32)
+    p = jnp.exp(logp)  # 0 on entries an earlier tile covered
+    onehot = ((y - start == jnp.arange(meta.tile)) & _fresh(meta, j)).astype(jnp.float32)
     dz = g_lp * (onehot - p) - g_h * p * (logp + entropy[..., None])
     if wb is not None:
       p_b = jnp.exp(_tile_logits(meta, hb, wb, base_layout, j) - lse_b[..., None])
@@ -287,22 +298,25 @@ def _tiled_bwd(meta, res, cotangents):
       logp_t = _tile_logits(meta, ht, wt, teacher_layout, j) - lse_t[..., None]
       dz = dz + g_kt * p * (logp - logp_t - kl_t[..., None])
     dz = meta.rows(dz.astype(meta.dtype))
+    w = w.astype(meta.dtype)
     if layout == "ev":  # z = h W: dh = dz W^T, dW = h^T dz
       d_hj = jnp.einsum("blt,et->ble", dz, w, preferred_element_type=jnp.float32)
       d_w = jnp.einsum("ble,blt->et", h, dz, preferred_element_type=jnp.float32)
     else:  # z = h W^T with W [V, E]: dh = dz W, dW = dz^T h
       d_hj = jnp.einsum("blt,te->ble", dz, w, preferred_element_type=jnp.float32)
       d_w = jnp.einsum("blt,ble->te", dz, h, preferred_element_type=jnp.float32)
-    return meta.rows(d_h + d_hj), meta.head(d_w.astype(weights.dtype))
+    # Written in place into the head-shaped gradient; the overlap an earlier tile wrote keeps
+    # its value (its d_w rows are exactly 0 here).
+    fresh = _fresh(meta, j)[:, None] if axis == 0 else _fresh(meta, j)[None, :]
+    old = jax.lax.dynamic_slice_in_dim(d_weights, start, meta.tile, axis)
+    d_w = meta.head(jnp.where(fresh, d_w.astype(weights.dtype), old))
+    d_weights = jax.lax.dynamic_update_slice_in_dim(d_weights, d_w, start, axis)
+    return (meta.rows(d_h + d_hj), meta.head(d_weights)), None
 
-  d_hidden, d_tiles = jax.lax.scan(body, jnp.zeros(hidden.shape, jnp.float32), xs)
-  if layout == "ev":  # [N, E, T] -> [E, V]
-    d_weights = jnp.moveaxis(d_tiles, 0, 1).reshape(weights.shape[0], -1)[:, : meta.vocab]
-  else:  # [N, T, E] -> [V, E]
-    d_weights = d_tiles.reshape(-1, weights.shape[1])[: meta.vocab]
+  init = (jnp.zeros(hidden.shape, jnp.float32), meta.head(jnp.zeros_like(weights)))
+  (d_hidden, d_weights), _ = jax.lax.scan(body, init, jnp.arange(_num_tiles(meta)))
   frozen = lambda head: None if head is None else jax.tree.map(jnp.zeros_like, head)
-  return (d_hidden.astype(hidden.dtype), meta.head(d_weights), None, frozen(base),
-          frozen(teacher))  # fmt: skip
+  return (d_hidden.astype(hidden.dtype), d_weights, None, frozen(base), frozen(teacher))
 
 
 _tiled.defvjp(_tiled_fwd, _tiled_bwd)

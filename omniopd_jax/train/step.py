@@ -74,7 +74,7 @@ def state_shardings(abstract_state: TrainState, mesh, rules=sharding.DEFAULT_RUL
 
 
 def response_hidden(graphdef, params, seq: base.Sequences, remat=False, attention="dense",
-                    constrain=None):  # fmt: skip
+                    constrain=None, mlp_chunk=0):  # fmt: skip
   """(final hidden states predicting each response token [B, L, E], the merged model).
 
   seq.tokens is [B, P + L] (left-padded prompt then response). Position P - 1 + i predicts
@@ -84,16 +84,21 @@ def response_hidden(graphdef, params, seq: base.Sequences, remat=False, attentio
   tokens, mask = seq.tokens, seq.attention_mask
   length = seq.response_mask.shape[1]
   hidden = model.hidden_states(
-    tokens[:, :-1], mask[:, :-1], remat=remat, attention=attention, constrain=constrain
+    tokens[:, :-1],
+    mask[:, :-1],
+    remat=remat,
+    attention=attention,
+    constrain=constrain,
+    mlp_chunk=mlp_chunk,
   )  # [B, P + L - 1, E]
   return hidden[:, -length:], model
 
 
 def response_logits(graphdef, params, seq: base.Sequences, remat=False, attention="dense",
-                    constrain=None) -> jax.Array:  # fmt: skip
+                    constrain=None, mlp_chunk=0) -> jax.Array:  # fmt: skip
   """Logits predicting each response token: [B, L, V] float32 (the dense path; the LM head on
   those L positions only)."""
-  hidden, model = response_hidden(graphdef, params, seq, remat, attention, constrain)
+  hidden, model = response_hidden(graphdef, params, seq, remat, attention, constrain, mlp_chunk)
   return model.logits(hidden)  # [B, L, V]
 
 
@@ -110,6 +115,7 @@ def response_stats(
   """
   remat = bool(model_cfg.get("remat", False))
   attention = model_cfg.get("attention", "dense")
+  mlp_chunk = int(model_cfg.get("mlp_chunk", 0))
   rows = head_sharding = None
   if mesh is not None:
     rows = lambda x: jax.lax.with_sharding_constraint(
@@ -117,7 +123,7 @@ def response_stats(
     )
 
   def head(graphdef, params, remat=False):
-    hidden, model = response_hidden(graphdef, params, seq, remat, attention, rows)
+    hidden, model = response_hidden(graphdef, params, seq, remat, attention, rows, mlp_chunk)
     return vocab_tiling.Head(hidden, *lm.head_weights(model))
 
   frozen = lambda g, p: None if p is None else head(g, p)  # head_stats stops their gradient
@@ -150,6 +156,7 @@ def make_loss_fn(config, method: base.Method, graphdef, teacher_graphdef=None, m
   remat = bool(model_cfg.get("remat", False))
   attention = model_cfg.get("attention", "dense")
   tiled = model_cfg.get("head", "dense") == "tiled"
+  mlp_chunk = int(model_cfg.get("mlp_chunk", 0))
   teacher_graphdef = graphdef if teacher_graphdef is None else teacher_graphdef
   constrain = None
   if mesh is not None:
@@ -166,7 +173,9 @@ def make_loss_fn(config, method: base.Method, graphdef, teacher_graphdef=None, m
       return method.loss(
         config, stats, batch, stats if use_base else None, stats if use_teacher else None
       )
-    dense = lambda g, p, r=False: response_logits(g, p, batch.seq, r, attention, constrain)
+    dense = lambda g, p, r=False: response_logits(
+      g, p, batch.seq, r, attention, constrain, mlp_chunk
+    )
     logits = dense(graphdef, params, remat)  # [b, L, V]
     base_logits = teacher_logits = None
     if use_base:
@@ -236,22 +245,31 @@ def make_update_fn(
   def update(state: TrainState, base_params, batch, teacher_params=None):
     batch = method.prepare_batch(config, batch)  # the global batch, before any micro-split
     (loss, aux), grads = accumulate(state.params, base_params, teacher_params, batch)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
+    grad_norm = optax.global_norm(grads)
+    # A non-finite loss leaves the state untouched, so the last good parameters survive. A cond
+    # (not a select over two whole states) lets the optimizer write the new state in place.
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+
+    def step(_):
+      updates, opt_state = tx.update(grads, state.opt_state, state.params)
+      params = optax.apply_updates(state.params, updates)
+      new = TrainState(step=state.step + 1, params=params, opt_state=opt_state, rng=state.rng)
+      return new, optax.global_norm(updates)
+
+    def skip(_):
+      return state, jnp.full((), jnp.nan, jnp.float32)
+
+    new_state, update_norm = jax.lax.cond(finite, step, skip, None)
     metrics = {
       "train/loss": loss,
-      "train/grad_norm": optax.global_norm(grads),
-      "train/param_norm": optax.global_norm(params),
-      "train/update_norm": optax.global_norm(updates),
+      "train/grad_norm": grad_norm,
+      "train/param_norm": optax.global_norm(new_state.params),
+      "train/update_norm": update_norm,
+      "train/loss_finite": finite,
       **{f"train/{k}" if "/" not in k else k: v for k, v in aux.items()},
     }
     if "loss/kl_anchor" in aux:
       metrics["train/kl"] = aux.get("kl/unaudited_mean", aux.get("kl/mean", 0.0))
-    # A non-finite loss leaves the state untouched, so the last good parameters survive.
-    finite = jnp.isfinite(loss) & jnp.isfinite(metrics["train/grad_norm"])
-    metrics["train/loss_finite"] = finite
-    new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state, rng=state.rng)
-    new_state = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new_state, state)
     return new_state, metrics
 
   shardings = state_shardings(abstract_state, mesh, rules)
