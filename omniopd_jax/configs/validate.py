@@ -133,6 +133,7 @@ def _check_model_and_rollout(c: _Checker):
   c.choice("model.head", HEADS)
   c.choice("model.attention", attention.IMPLEMENTATIONS)
   c.int_at_least("model.head_vocab_tile", 0, " (0: the default tile)")
+  c.int_at_least("model.mlp_chunk", 0, " (0: the whole sequence at once)")
   c.int_at_least("rollout.max_new_tokens", 1)
   c.number("rollout.temperature", lambda v: v >= 0, ">= 0 (0 means greedy)")
   c.fraction("rollout.top_p", low_open=True)
