@@ -145,3 +145,42 @@ def test_flax_backend_matches_sentence_transformers(minilm):
   np.testing.assert_allclose(
     flax_scorer.score(student, teacher), minilm.score(student, teacher), atol=2e-3
   )
+
+
+def test_batch_sensitive_scorers_score_once_in_request_order_whatever_the_timing():
+  """An encoder's cosine moves with its batch; the collector must not let teacher timing choose
+  the batches (a resumed step would then score differently). Pairwise scorers still go in waves."""
+  import concurrent.futures
+  import threading
+  import types
+
+  from omniopd_jax.methods import omniopd
+
+  class BatchSensitive:
+    batch_invariant = False
+
+    def __init__(self):
+      self.calls = []
+
+    def score(self, student, teacher):
+      self.calls.append(list(student))
+      return np.full((len(student), len(teacher[0])), 1.0 / len(student), np.float32)
+
+  class Pairwise(BatchSensitive):
+    batch_invariant = True
+
+  def run(scorer):
+    futures = [concurrent.futures.Future() for _ in range(3)]
+    sample = types.SimpleNamespace(text="z", ok=True, error="")
+    futures[1].set_result([sample, sample])  # request 1 is back first, the others later
+    timer = threading.Timer(0.3, lambda: [f.set_result([sample, sample]) for f in futures[::2]])
+    timer.start()
+    out = omniopd.wait_and_score(futures, ["a", "b", "c"], scorer, 2)
+    timer.join()
+    return out[0], scorer.calls
+
+  sim, calls = run(BatchSensitive())
+  assert calls == [["a", "b", "c"]]  # one call, request order
+  np.testing.assert_allclose(sim, 1.0 / 3)
+  _, calls = run(Pairwise())
+  assert calls[0] == ["b"] and sorted(sum(calls[1:], [])) == ["a", "c"]  # waves as they arrive

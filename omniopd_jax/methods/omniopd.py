@@ -70,7 +70,12 @@ def teacher_requests(config, req: chunks.ForkRequests, examples, backend: str, s
 def wait_and_score(futures, student_texts, scorer, num_samples: int, clip=None, stop=None):
   """Scores completed requests in waves while later ones are still in flight.
 
-  `stop` (a threading.Event) cancels the wait: WaitCancelled within POLL_S of being set.
+  Waves follow the teacher's timing, so they are used only with a scorer whose values do not
+  depend on which texts share a call (`batch_invariant`: edit, ROUGE-1, exact). An encoder's
+  cosine moves by ~1e-7 with its batch's padding and size, so embedding phi scores every request
+  in one call, in request order, once all have arrived: a resumed or repeated step then computes
+  exactly the same similarities. `stop` (a threading.Event) cancels the wait: WaitCancelled
+  within POLL_S of being set.
 
   Returns (sim [n, N] with NaN for failed samples, teacher texts n x N (None = failed),
   failure reasons, seconds waiting, seconds scoring).
@@ -78,8 +83,9 @@ def wait_and_score(futures, student_texts, scorer, num_samples: int, clip=None, 
   n = len(futures)
   sim = np.full((n, num_samples), np.nan, np.float32)
   texts: list[list[str | None]] = [[None] * num_samples for _ in range(n)]
-  reasons: list[str] = []
+  reasons: list[list[str]] = [[] for _ in range(n)]  # in request order, whatever the timing
   pending = {f: i for i, f in enumerate(futures)}
+  waves = bool(getattr(scorer, "batch_invariant", False))
   wait_s = score_s = 0.0
   while pending:
     t0 = time.perf_counter()
@@ -100,11 +106,13 @@ def wait_and_score(futures, student_texts, scorer, num_samples: int, clip=None, 
       texts[i] = [s.text if s.ok else None for s in samples]
       if clip is not None:
         texts[i] = clip(texts[i])
-      reasons += [s.error for s in samples if not s.ok]
-    t0 = time.perf_counter()
-    sim[idx] = scorer.score([student_texts[i] for i in idx], [texts[i] for i in idx])
-    score_s += time.perf_counter() - t0
-  return sim, texts, reasons, wait_s, score_s
+      reasons[i] = [s.error for s in samples if not s.ok]
+    if waves or not pending:
+      idx = idx if waves else list(range(n))
+      t0 = time.perf_counter()
+      sim[idx] = scorer.score([student_texts[i] for i in idx], [texts[i] for i in idx])
+      score_s += time.perf_counter() - t0
+  return sim, texts, [r for rs in reasons for r in rs], wait_s, score_s
 
 
 def uses_token_ids(ctx: base.Context) -> bool:

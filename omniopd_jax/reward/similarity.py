@@ -18,6 +18,10 @@ EMBEDDING_BACKENDS = ("sentence_transformers", "flax")
 
 
 class Scorer(Protocol):
+  # True when a pair's phi does not depend on which other texts share the score() call (then the
+  # collector may score requests in waves as they arrive; see methods.omniopd.wait_and_score).
+  batch_invariant: bool
+
   def score(
     self, student_chunks: Sequence[str], teacher_chunks: Sequence[Sequence[str | None]]
   ) -> np.ndarray:
@@ -92,6 +96,8 @@ def exact_match(a: str, b: str) -> float:
 class ExactMatchScorer:
   """phi = `exact_match` (whitespace-normalised string equality)."""
 
+  batch_invariant = True  # pairwise: each pair on its own
+
   def score(self, student_chunks, teacher_chunks) -> np.ndarray:
     return _pairwise(exact_match, student_chunks, teacher_chunks)
 
@@ -99,12 +105,16 @@ class ExactMatchScorer:
 class EditDistanceScorer:
   """phi = normalised character edit similarity (rapidfuzz Levenshtein)."""
 
+  batch_invariant = True  # pairwise: each pair on its own
+
   def score(self, student_chunks, teacher_chunks) -> np.ndarray:
     return _pairwise(edit_similarity, student_chunks, teacher_chunks)
 
 
 class Rouge1Scorer:
   """phi = ROUGE-1 F1 over `rouge_tokens`."""
+
+  batch_invariant = True  # pairwise: each pair on its own
 
   def score(self, student_chunks, teacher_chunks) -> np.ndarray:
     return _pairwise(rouge1_f1, student_chunks, teacher_chunks)
@@ -116,6 +126,9 @@ class EmbeddingScorer:
   One `encode_fn` call per score(), each distinct text encoded once. Embeddings are re-normalised
   here, so `encode_fn` need not return unit vectors (a zero vector scores 0).
   """
+
+  # An encoder's output moves by ~1e-7 with its batch's size and padding.
+  batch_invariant = False
 
   def __init__(self, encode_fn: Callable[[list[str]], np.ndarray]):
     self.encode_fn = encode_fn
@@ -185,6 +198,7 @@ class FlooredScorer:
     if not 0.0 <= floor < 1.0:
       raise ValueError(f"scoring.phi_floor must be in [0, 1), got {floor!r}.")
     self.inner, self.floor = inner, float(floor)
+    self.batch_invariant = bool(getattr(inner, "batch_invariant", False))
 
   def score(self, student_chunks, teacher_chunks) -> np.ndarray:
     sim = self.inner.score(student_chunks, teacher_chunks)  # [n, N]
