@@ -40,17 +40,18 @@ def _padded_segments(b, t, seed=0):
   return seg
 
 
-def _check(impl, q, k, v, d_out, seg, atol=2e-5, grads=True, **kwargs):
+def _check(impl, q, k, v, d_out, seg, atol=2e-5, grads=True, wrap=lambda f: f, **kwargs):
   scale = q.shape[-1] ** -0.5
   real = (seg > 0)[:, :, None, None]
   d_out = d_out * real  # the losses never read padding outputs
-  out = attn.attention(q, k, v, jnp.asarray(seg), implementation=impl, scale=scale, **kwargs)
+  run = wrap(lambda q, k, v: attn.attention(q, k, v, jnp.asarray(seg), implementation=impl,
+                                            scale=scale, **kwargs))  # fmt: skip
+  out = run(q, k, v)
   want = reference(q, k, v, seg, scale)
   np.testing.assert_allclose(np.where(real, out, 0), np.where(real, want, 0), atol=atol)
   if not grads:
     return
-  f = lambda q, k, v: jnp.sum(attn.attention(q, k, v, jnp.asarray(seg), implementation=impl,
-                                             scale=scale, **kwargs) * d_out)  # fmt: skip
+  f = lambda q, k, v: jnp.sum(run(q, k, v) * d_out)
   g = lambda q, k, v: jnp.sum(_jax_reference(q, k, v, jnp.asarray(seg), scale) * d_out)
   for a, b in zip(jax.grad(f, (0, 1, 2))(q, k, v), jax.grad(g, (0, 1, 2))(q, k, v)):
     assert np.all(np.isfinite(a))
@@ -117,3 +118,39 @@ def test_auto_and_unknown_implementations():
   assert attn.resolve("dense") == "dense"
   with pytest.raises(ValueError, match="choose from"):
     attn.resolve("flash")
+
+
+@pytest.mark.parametrize("impl", ["splash", "pallas_gpu"])
+def test_pallas_kernels_run_per_shard_under_a_mesh(impl):
+  # GSPMD cannot partition a Pallas custom call: under a mesh the kernel runs in a shard_map
+  # (rows over data x fsdp, kv heads over tensor) and gives the reference's values. Both kernels
+  # go through ops.attention.per_shard; the slow interpret-mode splash is only lowered here.
+  from jax.sharding import NamedSharding, PartitionSpec
+
+  from omniopd_jax import sharding
+
+  mesh = sharding.make_mesh([("data", 2), ("fsdp", 2), ("tensor", 2)])
+  q, k, v, d_out = _inputs(4, 32, 4, 2, 8, seed=6)
+  seg = _padded_segments(4, 32, seed=6)
+  seg[3, 20:] = np.where(seg[3, 20:] > 0, 2, 0)  # a packed row: two segments
+  rows = NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
+  q, k, v, d_out, seg_j = (jax.device_put(x, rows) for x in (q, k, v, d_out, jnp.asarray(seg)))
+
+  def under_mesh(fn):
+    def wrapped(*args):
+      with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+        return fn(*args)
+
+    return jax.jit(wrapped)
+
+  with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+    hlo = jax.jit(lambda q, k, v: attn.attention(q, k, v, seg_j, implementation=impl, block=16,
+                                                 interpret=True)).lower(q, k, v).as_text()  # fmt: skip
+  assert "manual_computation" in hlo  # the kernel sits inside a shard_map
+  if impl == "splash":
+    return
+  # Values only: the kernels' own gradients are checked above, and shard_map's transpose is JAX's.
+  _check(impl, q, k, v, d_out, seg, block=16, interpret=True, grads=False, wrap=under_mesh)
+  with pytest.raises(ValueError, match="do not divide"):
+    under_mesh(lambda q: attn.attention(q, q[:, :, :2], q[:, :, :2], seg_j[:3],
+                                        implementation=impl, interpret=True))(q[:3])  # fmt: skip

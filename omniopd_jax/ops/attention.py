@@ -18,14 +18,20 @@ Implementations (`IMPLEMENTATIONS`, chosen by `model.attention`):
   pallas_gpu  the GPU Pallas (Triton) flash-attention kernel JAX ships (segment ids).
   auto        cudnn on GPU (bfloat16/float16 inputs), blockwise elsewhere.
 The two Pallas kernels run on the CPU in interpret mode (`interpret=True`), which is how the
-tests check them; they see one device's rows (wrap them in shard_map for a sharded batch).
+tests check them. GSPMD cannot partition a Pallas kernel, so under a mesh (`jax.set_mesh`, or
+`jax.sharding.use_abstract_mesh` while tracing, as train.step does) they run in a shard_map: rows
+over the mesh's batch axes, heads over "tensor" when the kv heads divide it.
 """
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import PartitionSpec as P
+
+from omniopd_jax import sharding
 
 IMPLEMENTATIONS = ("auto", "dense", "blockwise", "xla", "cudnn", "splash", "pallas_gpu")
 # A large finite negative (not -inf): exp() of it is 0 and max() with it stays finite.
@@ -53,9 +59,11 @@ def attention(q, k, v, segment_ids, *, implementation="auto", scale=None, block=
   if impl in ("xla", "cudnn"):
     return span_attention(q, k, v, segment_ids, scale=scale, implementation=impl)
   if impl == "splash":
-    return splash_attention(q, k, v, segment_ids, scale=scale, **kwargs)
+    kernel = functools.partial(splash_attention, scale=scale, **kwargs)
+    return per_shard(kernel, q, k, v, segment_ids)
   if impl == "pallas_gpu":
-    return pallas_gpu_attention(q, k, v, segment_ids, scale=scale, **kwargs)
+    kernel = functools.partial(pallas_gpu_attention, scale=scale, **kwargs)
+    return per_shard(kernel, q, k, v, segment_ids)
   raise ValueError("attention='dense' is the model's own path (models/lm.py), not an op here")
 
 
@@ -206,6 +214,35 @@ def span_attention(q, k, v, segment_ids, *, scale, implementation="cudnn"):
 
 
 # ------------------------------------------------------------------- Pallas kernels JAX ships
+
+
+def per_shard(kernel, q, k, v, segment_ids):
+  """`kernel(q, k, v, segment_ids)` on each device's rows (and heads) under the current mesh.
+
+  A Pallas kernel is one custom call that GSPMD cannot split, so a sharded batch must reach it
+  through a shard_map: rows over the batch axes (sharding.DEFAULT_RULES["batch"]), kv heads over
+  "tensor" when they divide it (each shard then holds whole query groups). Without a mesh, or on
+  one device, the kernel sees the whole batch.
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or mesh.size == 1:
+    return kernel(q, k, v, segment_ids)
+  batch_target = dict(sharding.DEFAULT_RULES)["batch"]
+  batch_axes = (batch_target,) if isinstance(batch_target, str) else tuple(batch_target)
+  batch_axes = tuple(a for a in batch_axes if mesh.shape.get(a, 1) > 1)
+  rows = math.prod(mesh.shape[a] for a in batch_axes)
+  if q.shape[0] % rows:
+    raise ValueError(
+      f"attention kernel under mesh {dict(mesh.shape)}: {q.shape[0]} rows do not divide over the "
+      f"batch axes {batch_axes} ({rows} shards); make the batch a multiple of {rows}"
+    )
+  tensor = mesh.shape.get("tensor", 1)
+  heads = "tensor" if tensor > 1 and k.shape[2] % tensor == 0 else None
+  spec = P(batch_axes or None, None, heads, None)
+  return jax.shard_map(
+    kernel, mesh=mesh, in_specs=(spec, spec, spec, P(batch_axes or None, None)), out_specs=spec,
+    check_vma=False,
+  )(q, k, v, segment_ids)  # fmt: skip
 
 
 def splash_attention(q, k, v, segment_ids, *, scale, interpret=False, block=512):

@@ -272,8 +272,14 @@ def make_update_fn(
       metrics["train/kl"] = aux.get("kl/unaudited_mean", aux.get("kl/mean", 0.0))
     return new_state, metrics
 
+  def update_in_mesh(*args):
+    # The mesh is known while tracing: Pallas attention kernels then run per shard (GSPMD cannot
+    # split a custom call; ops.attention.per_shard).
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+      return update(*args)
+
   shardings = state_shardings(abstract_state, mesh, rules)
-  jitted = jax.jit(update, donate_argnums=0, out_shardings=(shardings, None))
+  jitted = jax.jit(update_in_mesh, donate_argnums=0, out_shardings=(shardings, None))
 
   def call(state, base_params, batch, teacher_params=None):
     if _is_host(batch):  # this process's rows -> one global batch (any number of processes)
