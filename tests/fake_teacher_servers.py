@@ -63,6 +63,7 @@ class FakeTeacher:
     echo_key: bool = False,
     bill_worst_case: bool = False,
     seeded: bool = False,
+    latency_s: float = 0.0,
   ):
     self.fault_rate, self.faults, self.seed = fault_rate, faults, seed
     self.api_key, self.hang_s, self.slow_s, self.retry_after_ms = (
@@ -77,6 +78,7 @@ class FakeTeacher:
     # completions as a seeded server samples: a pure function of (prompt, seed, n, sample index);
     # a prompt holding "[[empties]]" gets some empty continuations (finish_reason "stop")
     self.seeded = seeded
+    self.latency_s = latency_s  # every answer waits this long (a slow teacher; bench, overlap)
     self.echo_key = echo_key  # error bodies quote the credentials received, as careless gateways do
     self.billed = {"tokens_in": 0, "tokens_out": 0, "ok": 0}
     self.attempts: dict[bytes, int] = {}
@@ -136,6 +138,8 @@ class FakeTeacher:
         return _json(
           {"error": {"type": "authentication_error", "message": "invalid x-api-key"}}, 401
         )
+      if self.latency_s:
+        await asyncio.sleep(self.latency_s)
       if fault:
         early = await self._fault(request, fault)
         if early is not None:

@@ -342,7 +342,7 @@ def generate(
   )  # fmt: skip
   caps = row_identity.row_caps(max_new_tokens_per_row, len(prompts), num_samples, max_new_tokens)
   graphdef, state = nnx.split(model)
-  if engine == "continuous" and mesh is None:
+  if continuous_engine_used(engine, mesh):
     out = _generate_continuous(graphdef, state, options, prompts, caps, seed, prompt_len,
                                engine_options, on_row_done)  # fmt: skip
   else:
@@ -351,11 +351,17 @@ def generate(
     out = _generate_static(graphdef, state, options, prompts, caps, seed, prompt_len, mesh, rules)
   n = len(prompts) * num_samples
   rollout = Rollout(*(np.asarray(out[name][:n]) for name in Rollout._fields))
-  if on_row_done is not None and (engine == "static" or mesh is not None):
+  if on_row_done is not None and not continuous_engine_used(engine, mesh):
     for row in range(n):  # no overlap here: the whole batch ended together
       k = int(rollout.mask[row].sum())
       on_row_done(row, rollout.tokens[row, :k], rollout.logprobs[row, :k], rollout.entropy[row, :k])
   return rollout
+
+
+def continuous_engine_used(engine: str, mesh=None) -> bool:
+  """Whether `generate(engine=..., mesh=...)` runs the continuous engine (rows end one by one and
+  `on_row_done` fires while others decode) rather than the static one."""
+  return engine == "continuous" and mesh is None
 
 
 _row_keys_jit = jax.jit(row_identity.row_keys, static_argnums=3)
