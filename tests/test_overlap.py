@@ -148,3 +148,31 @@ def test_row_forks_and_requests_equal_the_whole_batch(tokenizer):
         assert [a.tolist() for a in x] == [a.tolist() for a in y]
       else:
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_train_loop_decodes_with_the_continuous_engine_on_its_mesh(tmp_path, monkeypatch):
+  """train.loop (8-device data mesh): rollouts run the continuous engine, split over the mesh,
+  and the OmniOPD collector sends each row's requests as it ends."""
+  from omniopd_jax.train import loop
+
+  seen, real_generate = [], sampler.generate
+
+  def spy(*args, **kwargs):
+    out = real_generate(*args, **kwargs)
+    seen.append((kwargs.get("mesh") is not None, kwargs.get("on_row_done") is not None,
+                 sampler.last_stats()))  # fmt: skip
+    return out
+
+  monkeypatch.setattr(sampler, "generate", spy)
+  config = math_config.get_config("smoke")
+  config.num_steps, config.checkpoint_every = 2, 0
+  config.data.eval_size = config.eval.num_examples = config.eval.batch_size = 8
+  config.rollout.update(num_slots=4, steps_per_sync=8)
+  with ServerThread(FakeTeacher(seeded=True)) as server:
+    config.teacher.update(base_url=server.url(), serve_local=False)
+    final = loop.run(config, str(tmp_path))
+  train = [stats for on_mesh, overlapped, stats in seen if overlapped]
+  assert len(train) == 2 and all(on_mesh for on_mesh, *_ in seen)
+  # 8 rows in 8 slots (4 rounded up to the 8 devices of the data axis), refilled by no one.
+  assert all(s["engine"] == "continuous" and s["slots"] == 8 for s in train), train
+  assert final["omniopd/forks_sent"] > 0 and np.isfinite(final["train/loss"])
