@@ -4,7 +4,8 @@ Gemini generateContent wire formats, with scripted and seeded random faults.
 Scripted faults: put `[[fault:429,500]]` anywhere in a prompt and the 1st and 2nd attempts of that
 exact body get a 429 and a 500; later attempts succeed. Random faults: `fault_rate` of attempts fail,
 chosen by hash(seed, body, attempt), so the same body meets the same faults in any arrival order.
-Run standalone (bench): `python tests/fake_teacher_servers.py [--fault-rate 0.1]` prints `PORT=<n>`.
+Run standalone (bench): `python tests/fake_teacher_servers.py [--fault-rate 0.1] [--seeded]
+[--latency-s 0.3]` prints `PORT=<n>`.
 """
 
 import argparse
@@ -367,8 +368,11 @@ def main():
   parser.add_argument("--port", type=int, default=0)
   parser.add_argument("--fault-rate", type=float, default=0.0)
   parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--seeded", action="store_true", help="completions as a seeded server")
+  parser.add_argument("--latency-s", type=float, default=0.0, help="added to every answer")
   args = parser.parse_args()
-  teacher = FakeTeacher(fault_rate=args.fault_rate, seed=args.seed, hang_s=0.3, log_size=1)
+  teacher = FakeTeacher(fault_rate=args.fault_rate, seed=args.seed, hang_s=0.3, log_size=1,
+                        seeded=args.seeded, latency_s=args.latency_s)  # fmt: skip
 
   async def serve():
     runner = web.AppRunner(teacher.app(), access_log=None)

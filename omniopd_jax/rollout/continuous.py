@@ -392,10 +392,14 @@ class _Schedule:
       self.owned[slot], self.slot_row[slot] = [], -1
       self.table[slot] = 0
     if self.on_row_done is not None and rows:
-      got = jax.device_get({k: v[np.asarray(rows)] for k, v in self.out.items()})
+      index = np.zeros(self.s, np.int32)  # always S rows: one program whatever rows ended
+      index[: len(rows)] = rows
+      got = jax.device_get(_take_rows(self.out, index))
       for j, row in enumerate(rows):
         n = int(self.emitted[row])
         self.on_row_done(row, *(got[k][j, :n] for k in ("tokens", "logprobs", "entropy")))
 
 
 Callback = Callable[[int, np.ndarray, np.ndarray, np.ndarray], None]
+# out [R, L] arrays, index [S] -> those rows [S, L] (one compiled gather, not one per row count).
+_take_rows = jax.jit(lambda out, index: {name: x[index] for name, x in out.items()})
