@@ -13,6 +13,12 @@ batch bucket and page-window bucket (a power of two), never per call.
 
 Sampling (token, log-prob, entropy; per-row keys) is the caller's `sample_fn`, so this module and
 the static sampler share one definition of a sample.
+
+Under a mesh (one process): the slots are split over the batch axes, so each device decodes its
+own slots with the weights in their decode layout; the page pool and the outputs are replicated
+(`Engine._buffer_shardings`: every page gather stays local, and a step moves only the new keys
+and values of each layer). A replicated pool costs its full size on every device: a pool sharded
+with the slots (per-device page ranges read through shard_map) is what a large pod needs.
 """
 
 import dataclasses
