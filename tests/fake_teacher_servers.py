@@ -4,7 +4,8 @@ Gemini generateContent wire formats, with scripted and seeded random faults.
 Scripted faults: put `[[fault:429,500]]` anywhere in a prompt and the 1st and 2nd attempts of that
 exact body get a 429 and a 500; later attempts succeed. Random faults: `fault_rate` of attempts fail,
 chosen by hash(seed, body, attempt), so the same body meets the same faults in any arrival order.
-Run standalone (bench): `python tests/fake_teacher_servers.py [--fault-rate 0.1]` prints `PORT=<n>`.
+Run standalone (bench): `python tests/fake_teacher_servers.py [--fault-rate 0.1] [--seeded]
+[--latency-s 0.3]` prints `PORT=<n>`.
 """
 
 import argparse
@@ -63,6 +64,7 @@ class FakeTeacher:
     echo_key: bool = False,
     bill_worst_case: bool = False,
     seeded: bool = False,
+    latency_s: float = 0.0,
   ):
     self.fault_rate, self.faults, self.seed = fault_rate, faults, seed
     self.api_key, self.hang_s, self.slow_s, self.retry_after_ms = (
@@ -77,6 +79,7 @@ class FakeTeacher:
     # completions as a seeded server samples: a pure function of (prompt, seed, n, sample index);
     # a prompt holding "[[empties]]" gets some empty continuations (finish_reason "stop")
     self.seeded = seeded
+    self.latency_s = latency_s  # every answer waits this long (a slow teacher; bench, overlap)
     self.echo_key = echo_key  # error bodies quote the credentials received, as careless gateways do
     self.billed = {"tokens_in": 0, "tokens_out": 0, "ok": 0}
     self.attempts: dict[bytes, int] = {}
@@ -136,6 +139,8 @@ class FakeTeacher:
         return _json(
           {"error": {"type": "authentication_error", "message": "invalid x-api-key"}}, 401
         )
+      if self.latency_s:
+        await asyncio.sleep(self.latency_s)
       if fault:
         early = await self._fault(request, fault)
         if early is not None:
@@ -363,8 +368,11 @@ def main():
   parser.add_argument("--port", type=int, default=0)
   parser.add_argument("--fault-rate", type=float, default=0.0)
   parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--seeded", action="store_true", help="completions as a seeded server")
+  parser.add_argument("--latency-s", type=float, default=0.0, help="added to every answer")
   args = parser.parse_args()
-  teacher = FakeTeacher(fault_rate=args.fault_rate, seed=args.seed, hang_s=0.3, log_size=1)
+  teacher = FakeTeacher(fault_rate=args.fault_rate, seed=args.seed, hang_s=0.3, log_size=1,
+                        seeded=args.seeded, latency_s=args.latency_s)  # fmt: skip
 
   async def serve():
     runner = web.AppRunner(teacher.app(), access_log=None)

@@ -138,6 +138,13 @@ def test_bad_values_are_named_with_allowed_values(key, value, expected):
     validate.validate_config(_config(**{key: value}))
 
 
+def test_flags_must_be_booleans():
+  config = _config()
+  # ConfigDict refuses a retyped field; a config rebuilt from JSON or a dict can still hold one.
+  config.rollout = type(config.rollout)({**config.rollout.to_dict(), "overlap_teacher": "yes"})
+  assert "rollout.overlap_teacher='yes' must be True or False" in validate.problems(config)
+
+
 def test_cross_field_rules():
   def problems(**kw):
     return "\n".join(validate.problems(_config(**kw)))

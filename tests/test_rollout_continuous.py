@@ -1,12 +1,16 @@
 """Continuous batching: refilled slots, per-row caps, layout-independent samples, the completion
 callback and compile-once behaviour, against the static engine and a teacher-forced forward."""
 
+import re
+
+import jax
 import numpy as np
 import pytest
 from flax import nnx
 
+from omniopd_jax import sharding
 from omniopd_jax.models import lm
-from omniopd_jax.rollout import continuous, rows, sampler
+from omniopd_jax.rollout import continuous, decode_sharding, rows, sampler
 
 VOCAB = 64
 EOS = [2, 3, 4, 5, 6]  # several, so that sampled rows end early too
@@ -157,3 +161,76 @@ def test_bad_arguments():
     continuous.EngineOptions(attention="flash")
   with pytest.raises(ValueError, match="engine"):
     sampler.generate(None, [[1]], max_new_tokens=2, engine="dynamic")
+
+
+def _capture_decode(engine):
+  """Wraps engine._decode to keep the abstract arguments of its first call (for .lower)."""
+  real, seen = engine._decode, []
+
+  def spy(*args):
+    if not seen:
+      abstract = lambda x: jax.ShapeDtypeStruct(
+        x.shape, x.dtype, sharding=getattr(x, "sharding", None)
+      )  # noqa: E731, E501
+      seen.append(jax.tree.map(lambda x: abstract(x) if hasattr(x, "shape") else x, args))
+    return real(*args)
+
+  engine._decode = spy
+  return real, seen
+
+
+@pytest.mark.parametrize("layout, temperature, k", [("tensor", 0.0, 1), ("replicated", 1.0, 2)])
+def test_on_a_mesh_slots_split_over_devices_give_the_same_rows(model, layout, temperature, k):
+  mesh = sharding.make_mesh([("data", 2), ("fsdp", 2), ("tensor", 2)])
+  # Per-row keys: a row's samples do not depend on the layout. (The single-device runs are those
+  # of the tests above: their programs are already compiled.)
+  length = 14 if k == 1 else 10
+  kw = dict(max_new_tokens=length, temperature=temperature, eos_ids=EOS, seed=3, num_samples=k,
+            engine_options=SMALL, max_new_tokens_per_row=np.minimum(CAPS, length))  # fmt: skip
+  alone = sampler.generate(model, PROMPTS, **kw)
+  seen = []
+  ours = sampler.generate(model, PROMPTS, mesh=mesh, decode_layout=layout,
+                          on_row_done=lambda row, *_: seen.append(row), **kw)  # fmt: skip
+  stats = sampler.last_stats()
+  assert stats["engine"] == "continuous" and stats["slots"] == 4  # 3 rounded up to 2 x 2
+  assert stats["prefill_calls"] > 1 and sorted(seen) == list(range(len(PROMPTS) * k))
+  np.testing.assert_array_equal(ours.tokens, alone.tokens)
+  np.testing.assert_array_equal(ours.mask, alone.mask)
+  np.testing.assert_allclose(ours.logprobs, alone.logprobs, atol=1e-4)
+  np.testing.assert_allclose(ours.entropy, alone.entropy, atol=1e-4)
+
+
+def test_mesh_decode_gathers_no_weights(model):
+  """Replicated weights, slots over 8 devices: the compiled decode step moves only each step's
+  new keys/values, tokens and loop flags, never a weight; no float all-reduce."""
+  mesh = sharding.make_mesh([("data", 4), ("fsdp", 2), ("tensor", 1)])
+  kw = dict(
+    max_new_tokens=10,
+    temperature=1.0,
+    eos_ids=EOS,
+    seed=1,
+    mesh=mesh,
+    engine_options=continuous.EngineOptions(num_slots=8, page_size=4, steps_per_sync=4),
+  )
+  sampler.generate(model, PROMPTS, **kw)  # builds the engine
+  (engine,) = [e for key, e in sampler._ENGINES.items() if key[3] == mesh]
+  real, seen = _capture_decode(engine)
+  try:
+    sampler.generate(model, PROMPTS, **kw)
+  finally:
+    engine._decode = real
+  hlo = real.lower(*seen[0]).compile().as_text()
+  counts = decode_sharding.count_collectives(hlo)
+  assert counts["all-gather"] > 0, counts  # the new K/V of each layer do move: pages replicated
+  cfg = model.config
+  largest = 8 * max(cfg.num_key_value_heads * cfg.dim_per_head, 10)  # [S, KV, D] or [S, L]
+  smallest_weight = min(x.size for x in jax.tree.leaves(nnx.state(model)) if x.ndim > 1)
+  assert largest < smallest_weight
+  for line in hlo.splitlines():
+    m = re.search(r"= (\w+)\[([\d,]*)\]\{?[^=]*? (all-gather|all-reduce)(-start)?\(", line)
+    if not m:
+      continue
+    size = int(np.prod([int(d) for d in m.group(2).split(",") if d]))
+    assert size <= largest, line  # never a weight
+    if m.group(3) == "all-reduce":
+      assert m.group(1) in ("pred", "s32"), line  # only the loop's exit test

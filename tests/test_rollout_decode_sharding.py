@@ -67,8 +67,9 @@ def test_rows_on_the_mesh_equal_rows_on_one_device(fsdp_model):
   kw = dict(max_new_tokens=10, temperature=1.0, eos_ids=[2, 3, 4], seed=4, num_samples=2)
   single = nnx.merge(nnx.graphdef(model), jax.device_get(nnx.state(model)))
   alone = sampler.generate(single, prompts, **kw)
-  for layout in ("auto", "train"):
-    on_mesh = sampler.generate(model, prompts, mesh=mesh, decode_layout=layout, **kw)
+  for layout, engine in (("auto", "continuous"), ("train", "static")):
+    on_mesh = sampler.generate(model, prompts, mesh=mesh, decode_layout=layout, engine=engine, **kw)
+    assert sampler.last_stats()["engine"] == engine
     np.testing.assert_array_equal(on_mesh.tokens, alone.tokens)
     np.testing.assert_array_equal(on_mesh.mask, alone.mask)
     np.testing.assert_allclose(on_mesh.logprobs, alone.logprobs, atol=1e-4)

@@ -72,6 +72,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.rollout.steps_per_sync = 32  # continuous: decode steps per device call (slots refill between)
   c.rollout.attention = "xla"  # continuous decode attention: xla | pallas_gpu | pallas_tpu
   c.rollout.decode_layout = "auto"  # with a mesh: auto | replicated | tensor | train (no reshard)
+  # continuous engine: send a row's teacher requests as it ends (same results, less waiting)
+  c.rollout.overlap_teacher = True
 
   c.omniopd = ml_collections.ConfigDict()
   c.omniopd.num_forks = 10  # M: chunk audits per response

@@ -104,6 +104,11 @@ class _Checker:
 
     self.number(key, ok, f"in {lo}0, 1{hi}")
 
+  def flag(self, key: str):
+    value = self.value(key)
+    if value is not _MISSING and not isinstance(value, bool):
+      self.problems.append(f"{key}={value!r} must be True or False")
+
   def require(self, condition: bool, message: str):
     if not condition:
       self.problems.append(message)
@@ -145,6 +150,7 @@ def _check_model_and_rollout(c: _Checker):
   c.int_at_least("rollout.num_pages", 0, " (0: enough for every slot at its cap)")
   c.int_at_least("rollout.page_size", 1)
   c.int_at_least("rollout.steps_per_sync", 1)
+  c.flag("rollout.overlap_teacher")
 
 
 def _check_omniopd(c: _Checker):

@@ -142,8 +142,11 @@ def pack(prompts, responses: np.ndarray, response_mask: np.ndarray, prompt_len: 
   )
 
 
-def rollout(ctx: Context, model, prompts, step: int, num_samples: int = 1) -> sampler.Rollout:
-  """The student's samples for this step's prompts (config.rollout settings)."""
+def rollout(
+  ctx: Context, model, prompts, step: int, num_samples: int = 1, on_row_done=None
+) -> sampler.Rollout:
+  """The student's samples for this step's prompts (config.rollout settings); `on_row_done` as
+  in `sampler.generate`."""
   config = ctx.config
   r = config.rollout
   return sampler.generate(
@@ -152,7 +155,7 @@ def rollout(ctx: Context, model, prompts, step: int, num_samples: int = 1) -> sa
     eos_ids=ctx.eos_ids, num_samples=num_samples, mesh=ctx.rollout_mesh, rules=ctx.rules,
     prompt_len=config.max_prompt_len,  # one static shape per run (and across processes)
     engine=r.engine, engine_options=continuous.EngineOptions.from_config(r),
-    decode_layout=r.decode_layout,
+    decode_layout=r.decode_layout, on_row_done=on_row_done,
   )  # fmt: skip
 
 

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from omniopd_jax.methods import base, losses
+from omniopd_jax.methods import base, losses, overlap
 from omniopd_jax.reward import posterior
 from omniopd_jax.rollout import chunks, forks, sampler
 from omniopd_jax.teacher import backends as tb
@@ -126,31 +126,53 @@ def clip_fn(ctx: base.Context):
   return lambda texts: chunks.clip_to_tokens(ctx.tokenizer, texts, ctx.config.omniopd.chunk_len)
 
 
-def collect(ctx: base.Context, model, batch: dict, step: int):
-  """Rollouts, peak-entropy forks and teacher submission now (device work done when this
-  returns); the returned `finish()` waits for the teacher, scores and builds the batch."""
+def _forks_and_submit(ctx: base.Context, prompts, roll, rng, examples, step: int):
+  """After the whole decode: forks of every row, their requests, sent at once. Returns (starts
+  [B, M], valid [B, M], ForkRequests, boundary mismatches, futures, arrival times)."""
   o = ctx.config.omniopd
-  prompts = base.step_prompts(ctx, batch)
-  t0 = time.perf_counter()
-  roll = base.rollout(ctx, model, prompts, step)
   starts, valid = forks.select_forks(
     roll.entropy, roll.mask, num_forks=o.num_forks, chunk_len=o.chunk_len,
-    method=o.fork_method, rng=jax.random.key(base.stable_seed(ctx.config.seed, step, "forks")),
+    method=o.fork_method, rng=rng,
   )  # fmt: skip
-  fork_stats = jax.device_get(forks.fork_metrics(roll.entropy, roll.mask, starts, valid))
   starts, valid = np.asarray(starts), np.asarray(valid)
-  rollout_s = time.perf_counter() - t0
-
   req, mismatches = chunks.build_fork_requests(
     ctx.tokenizer, prompts, roll.tokens, roll.mask, starts, valid, chunk_len=o.chunk_len
   )
+  arrivals = [time.perf_counter()]  # teacher_span = last arrival - submission
+  futures = ctx.teacher.submit(teacher_requests(ctx.config, req, examples, ctx.backend, step))
+  overlap.track_arrivals(futures, arrivals)
+  return starts, valid, req, mismatches, futures, arrivals
+
+
+def collect(ctx: base.Context, model, batch: dict, step: int):
+  """Rollouts, peak-entropy forks and teacher submission now (device work done when this
+  returns); the returned `finish()` waits for the teacher, scores and builds the batch.
+
+  With rollout.overlap_teacher (and the continuous engine), each row's forks are chosen and its
+  requests sent as the row ends (methods/overlap.py); otherwise after the whole decode. Both
+  build the same requests in the same order."""
+  o, r = ctx.config.omniopd, ctx.config.rollout
+  prompts = base.step_prompts(ctx, batch)
+  t0 = time.perf_counter()
+  rng = jax.random.key(base.stable_seed(ctx.config.seed, step, "forks"))
+  rows = None
+  if r.overlap_teacher and sampler.continuous_engine_used(r.engine, ctx.rollout_mesh):
+    rows = overlap.RowSubmitter(
+      ctx.teacher, ctx.tokenizer, prompts,
+      lambda req: teacher_requests(ctx.config, req, batch["examples"], ctx.backend, step),
+      num_forks=o.num_forks, chunk_len=o.chunk_len, fork_method=o.fork_method, rng=rng,
+      length=r.max_new_tokens,
+    )  # fmt: skip
+  roll = base.rollout(ctx, model, prompts, step, on_row_done=rows)
+  if rows is not None:
+    starts, valid, req, mismatches, futures, arrivals = rows.finish()
+  else:
+    starts, valid, req, mismatches, futures, arrivals = _forks_and_submit(
+      ctx, prompts, roll, rng, batch["examples"], step
+    )
+  fork_stats = jax.device_get(forks.fork_metrics(roll.entropy, roll.mask, starts, valid))
+  rollout_s = time.perf_counter() - t0
   student_texts = clip_fn(ctx)(req.chunk_text_for_ids() if uses_token_ids(ctx) else req.chunk_text)
-  t_submit = time.perf_counter()
-  requests = teacher_requests(ctx.config, req, batch["examples"], ctx.backend, step)
-  futures = ctx.teacher.submit(requests)
-  arrivals = [t_submit]  # teacher_span = last arrival - submission (callbacks fire on arrival)
-  for f in futures:
-    f.add_done_callback(lambda _: arrivals.append(time.perf_counter()))
 
   drafts = None
   if o.weight_form == "group" and len(req):  # the student's K-1 other drafts, while it waits

@@ -172,6 +172,36 @@ def build_fork_requests(
   return requests, int(requests.boundary_mismatch.sum())
 
 
+def build_row_requests(
+  tokenizer, prompt, response_ids, response_mask, starts, valid, *, row: int, num_rows: int,
+  chunk_len: int,
+) -> ForkRequests:  # fmt: skip
+  """`build_fork_requests` for one row (response [L], forks [M]) of a [num_rows, ...] batch:
+  the requests the whole-batch call makes for that row, with their row index and batch shape."""
+  req, _ = build_fork_requests(
+    tokenizer, [prompt], np.asarray(response_ids)[None], np.asarray(response_mask, bool)[None],
+    np.asarray(starts)[None], np.asarray(valid, bool)[None], chunk_len=chunk_len,
+  )  # fmt: skip
+  req.row[:] = row
+  req.batch_shape = (int(num_rows), req.batch_shape[1])
+  return req
+
+
+def join_requests(parts: list[ForkRequests], batch_shape: tuple[int, int]) -> ForkRequests:
+  """Per-row ForkRequests (in row order) as one, as `build_fork_requests` on the whole batch."""
+  cat = lambda name, dtype: np.concatenate(  # noqa: E731
+    [getattr(p, name) for p in parts] or [np.zeros(0, dtype)]
+  ).astype(dtype)
+  flat = lambda name: [x for p in parts for x in getattr(p, name)]  # noqa: E731
+  return ForkRequests(
+    batch_shape=tuple(batch_shape), row=cat("row", np.int32), slot=cat("slot", np.int32),
+    start=cat("start", np.int32), prefix_ids=flat("prefix_ids"), prefix_text=flat("prefix_text"),
+    response_prefix_text=flat("response_prefix_text"), chunk_text=flat("chunk_text"),
+    moved_whitespace=flat("moved_whitespace"),
+    boundary_mismatch=cat("boundary_mismatch", bool),
+  )  # fmt: skip
+
+
 def clip_to_tokens(tokenizer, texts, num_tokens: int) -> list:
   """Each text cut to its first `num_tokens` tokens of `tokenizer` (None stays None).
 

@@ -13,6 +13,12 @@ batch bucket and page-window bucket (a power of two), never per call.
 
 Sampling (token, log-prob, entropy; per-row keys) is the caller's `sample_fn`, so this module and
 the static sampler share one definition of a sample.
+
+Under a mesh (one process): the slots are split over the batch axes, so each device decodes its
+own slots with the weights in their decode layout; the page pool and the outputs are replicated
+(`Engine._buffer_shardings`: every page gather stays local, and a step moves only the new keys
+and values of each layer). A replicated pool costs its full size on every device: a pool sharded
+with the slots (per-device page ranges read through shard_map) is what a large pod needs.
 """
 
 import dataclasses
@@ -23,7 +29,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
+from omniopd_jax import sharding
 from omniopd_jax.rollout import paged_cache
 
 # Admitted prompts per prefill call round up to one of these (then to multiples of the largest).
@@ -57,6 +66,13 @@ class EngineOptions:
       raise ValueError(f"attention={self.attention!r}: one of {paged_cache.ATTENTION_IMPLS}")
 
 
+def rows_per_shard_multiple(mesh, rules=sharding.DEFAULT_RULES) -> int:
+  """The product of the mesh axes rows (slots) are split over: slot counts are multiples of it."""
+  target = dict(rules).get("batch")
+  axes = (target,) if isinstance(target, str) else tuple(target or ())
+  return int(np.prod([mesh.shape[a] for a in axes]))
+
+
 def _next_pow2(n: int) -> int:
   return 1 << max(0, int(n) - 1).bit_length()
 
@@ -68,13 +84,54 @@ class Engine:
   `head_fn(model) -> [E, V]` come from the sampler. `run(...)` decodes one call's prompts.
   """
 
-  def __init__(self, graphdef, sampling, options: EngineOptions, sample_fn, head_fn):
+  def __init__(self, graphdef, sampling, options: EngineOptions, sample_fn, head_fn, mesh=None,
+               rules=sharding.DEFAULT_RULES):  # fmt: skip
     self.graphdef, self.sampling, self.options = graphdef, sampling, options
     self.sample_fn, self.head_fn = sample_fn, head_fn
+    self.mesh, self.rules = mesh, tuple(rules)
     self.num_traces = 0
     self.last_stats = {}  # calls and decode steps of the last `run`
-    self._prefill = jax.jit(self._prefill_program, donate_argnums=(1, 2, 3))
-    self._decode = jax.jit(self._decode_program, donate_argnums=(1, 2, 3))
+    if mesh is None:
+      self._prefill = jax.jit(self._prefill_program, donate_argnums=(1, 2, 3))
+      self._decode = jax.jit(self._decode_program, donate_argnums=(1, 2, 3))
+      return
+    if options.num_slots % rows_per_shard_multiple(mesh, self.rules):
+      raise ValueError(
+        f"num_slots={options.num_slots} must be a multiple of the batch axes' size "
+        f"{rows_per_shard_multiple(mesh, self.rules)} under this mesh"
+      )
+    # Under a mesh: slots split over the batch axes (each device decodes its own slots); pages
+    # and outputs replicated (see `place`). Fixed output shardings: the donated buffers come
+    # back laid out as they went in, so no call ever sees a new input layout (no recompile).
+    pages, slots, out = self._buffer_shardings()
+    scalar = NamedSharding(mesh, P())
+    self._prefill = jax.jit(
+      self._prefill_program, donate_argnums=(1, 2, 3), out_shardings=(pages, slots, out)
+    )
+    self._decode = jax.jit(
+      self._decode_program, donate_argnums=(1, 2, 3), out_shardings=(pages, slots, out, scalar)
+    )
+
+  def _buffer_shardings(self):
+    """(pages, slots, out) shardings, each a prefix of its tree: pages replicated (a slot's pages
+    are anywhere in the pool, and a prompt's K samples share theirs: a replicated pool keeps
+    every page gather local; each step all-gathers only the new [S, KV, D] keys and values);
+    slot state [S] over the batch axes; outputs [R, L] replicated (rows land in any slot)."""
+    replicated = NamedSharding(self.mesh, P())
+    return replicated, sharding.batch_sharding(self.mesh, 1, self.rules), replicated
+
+  def place(self, pages, slots, out):
+    """Buffers laid out for this engine (unchanged without a mesh)."""
+    if self.mesh is None:
+      return pages, slots, out
+    return jax.device_put((pages, slots, out), self._buffer_shardings())
+
+  def _rows_constraint(self):
+    """The residual stream [S, 1, E] kept split by slot (None without a mesh)."""
+    if self.mesh is None:
+      return None
+    rows = sharding.batch_sharding(self.mesh, 3, self.rules)
+    return lambda x: jax.lax.with_sharding_constraint(x, rows)
 
   # ---- device programs -------------------------------------------------------------------------
 
@@ -146,7 +203,7 @@ class Engine:
       caches = paged_cache.layer_caches(pages, table, lengths, opts.attention, opts.interpret)
       hidden, caches = model.hidden_states(
         slots["token"][:, None], jnp.ones((n_slots, 1), bool), slots["length"][:, None],
-        cache=caches, cache_index=0,
+        cache=caches, cache_index=0, constrain=self._rows_constraint(),
       )  # fmt: skip
       pages = [(c.k_pages, c.v_pages) for c in caches]
       logits = jnp.dot(hidden[:, 0].astype(model.dtype), head).astype(jnp.float32)  # [S, V]
@@ -212,6 +269,7 @@ class _Schedule:
     self.pages, self.slots, self.out, num_pages = engine.init_buffers(
       state, b * self.k, self.max_pages
     )
+    self.pages, self.slots, self.out = engine.place(self.pages, self.slots, self.out)
     self.pool = paged_cache.PagePool(num_pages, self.ps)
     self.table = np.zeros((self.s, self.max_pages), np.int32)  # [S, W_max] page ids
     self.owned = [[] for _ in range(self.s)]  # pages each slot holds a reference to
@@ -340,10 +398,14 @@ class _Schedule:
       self.owned[slot], self.slot_row[slot] = [], -1
       self.table[slot] = 0
     if self.on_row_done is not None and rows:
-      got = jax.device_get({k: v[np.asarray(rows)] for k, v in self.out.items()})
+      index = np.zeros(self.s, np.int32)  # always S rows: one program whatever rows ended
+      index[: len(rows)] = rows
+      got = jax.device_get(_take_rows(self.out, index))
       for j, row in enumerate(rows):
         n = int(self.emitted[row])
         self.on_row_done(row, *(got[k][j, :n] for k in ("tokens", "logprobs", "entropy")))
 
 
 Callback = Callable[[int, np.ndarray, np.ndarray, np.ndarray], None]
+# out [R, L] arrays, index [S] -> those rows [S, L] (one compiled gather, not one per row count).
+_take_rows = jax.jit(lambda out, index: {name: x[index] for name, x in out.items()})

@@ -116,17 +116,58 @@ def select_forks(
     raise ValueError(
       f"select_forks: entropy and mask must both be [B, L]; got {entropy.shape}, {mask.shape}."
     )
+  keys = _priorities(entropy, method, rng, entropy.shape, rows=None)
+  return _greedy_non_overlapping(keys, _eligible(mask, chunk_len), num_forks, chunk_len)
+
+
+@functools.partial(jax.jit, static_argnames=("num_rows", "num_forks", "chunk_len", "method"))
+def select_row_forks(
+  entropy: jax.Array,
+  mask: jax.Array,
+  row: jax.Array,
+  *,
+  num_rows: int,
+  num_forks: int,
+  chunk_len: int,
+  method: str = "peak",
+  rng: jax.Array | None = None,
+) -> tuple[jax.Array, jax.Array]:
+  """`select_forks` for row `row` of a [num_rows, L] batch, from that row alone: exactly the
+  forks select_forks would give it (a row's choice never depends on the other rows; "random"
+  draws the batch's [num_rows, L] keys and keeps the row's). The collector calls it as each row
+  of a rollout ends (methods/omniopd.py, rollout.overlap_teacher).
+
+  Args:
+    entropy, mask: [L] the row's entropies and generated-token mask; row: int32 scalar.
+
+  Returns:
+    starts [M] int32 and valid [M] bool.
+  """
+  if method not in METHODS:
+    raise ValueError(f"select_row_forks: method must be one of {METHODS}, got {method!r}.")
+  entropy, mask = entropy[None], mask[None]  # [1, L]
+  keys = _priorities(entropy, method, rng, (num_rows, entropy.shape[1]), rows=row)
+  starts, valid = _greedy_non_overlapping(keys, _eligible(mask, chunk_len), num_forks, chunk_len)
+  return starts[0], valid[0]
+
+
+def _eligible(mask, chunk_len: int):
+  """[B, L] positions where a chunk of C fits inside its row: t + C <= T_row."""
   row_len = mask.astype(jnp.int32).sum(axis=1, keepdims=True)  # [B, 1]
-  pos = jnp.arange(entropy.shape[1], dtype=jnp.int32)[None, :]  # [1, L]
-  eligible = pos + chunk_len <= row_len  # [B, L]
+  pos = jnp.arange(mask.shape[1], dtype=jnp.int32)[None, :]  # [1, L]
+  return pos + chunk_len <= row_len
+
+
+def _priorities(entropy, method: str, rng, batch_shape, rows):
+  """Greedy keys [B, L]: entropies (NaN as -inf) for "peak"; for "random", uniforms drawn over
+  `batch_shape` (the whole batch) of which `rows` (None: all) are kept."""
   if method == "peak":
     keys = entropy.astype(jnp.float32)
-    keys = jnp.where(jnp.isnan(keys), -jnp.inf, keys)  # [B, L]
-  else:
-    if rng is None:
-      raise ValueError("select_forks: method='random' needs rng=jax.random.key(...).")
-    keys = jax.random.uniform(rng, entropy.shape, jnp.float32)  # [B, L]
-  return _greedy_non_overlapping(keys, eligible, num_forks, chunk_len)
+    return jnp.where(jnp.isnan(keys), -jnp.inf, keys)  # [B, L]
+  if rng is None:
+    raise ValueError("select_forks: method='random' needs rng=jax.random.key(...).")
+  keys = jax.random.uniform(rng, batch_shape, jnp.float32)  # [num_rows, L]
+  return keys if rows is None else keys[rows][None]
 
 
 def fork_metrics(entropy: jax.Array, mask: jax.Array, starts: jax.Array, valid: jax.Array) -> dict:

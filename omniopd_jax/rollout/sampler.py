@@ -327,7 +327,9 @@ def generate(
 
   engine="continuous" (default) decodes in `engine_options.num_slots` slots over a paged KV
   cache, refilling a slot as soon as its row ends (num_slots=0: one slot per row);
-  engine="static" is the single while-loop program of `make_generate_fn`, used for any mesh.
+  engine="static" is the single while-loop program of `make_generate_fn` (also what runs with a
+  mesh over several processes). Under a single-process mesh the continuous engine splits its
+  slots over the batch axes (num_slots rounded up to a multiple of them).
   `on_row_done(row, tokens, logprobs, entropy)` is called on the host as each row ends (the
   continuous engine calls it while other rows still decode). Parameter values may change freely
   between calls: programs compile once per shape bucket. With a mesh, the parameters are first
@@ -342,33 +344,48 @@ def generate(
   )  # fmt: skip
   caps = row_identity.row_caps(max_new_tokens_per_row, len(prompts), num_samples, max_new_tokens)
   graphdef, state = nnx.split(model)
-  if engine == "continuous" and mesh is None:
+  if mesh is not None:
+    state, rules = decode_sharding.decode_layout_state(state, mesh, rules, decode_layout)
+  if continuous_engine_used(engine, mesh):
     out = _generate_continuous(graphdef, state, options, prompts, caps, seed, prompt_len,
-                               engine_options, on_row_done)  # fmt: skip
+                               engine_options, on_row_done, mesh, rules)  # fmt: skip
   else:
-    if mesh is not None:
-      state, rules = decode_sharding.decode_layout_state(state, mesh, rules, decode_layout)
     out = _generate_static(graphdef, state, options, prompts, caps, seed, prompt_len, mesh, rules)
   n = len(prompts) * num_samples
   rollout = Rollout(*(np.asarray(out[name][:n]) for name in Rollout._fields))
-  if on_row_done is not None and (engine == "static" or mesh is not None):
+  if on_row_done is not None and not continuous_engine_used(engine, mesh):
     for row in range(n):  # no overlap here: the whole batch ended together
       k = int(rollout.mask[row].sum())
       on_row_done(row, rollout.tokens[row, :k], rollout.logprobs[row, :k], rollout.entropy[row, :k])
   return rollout
 
 
+def continuous_engine_used(engine: str, mesh=None) -> bool:
+  """Whether `generate(engine=..., mesh=...)` runs the continuous engine (rows end one by one and
+  `on_row_done` fires while others decode) rather than the static one. Several processes keep
+  the static engine: each process would run its own host schedule over one global program."""
+  return engine == "continuous" and (mesh is None or jax.process_count() == 1)
+
+
 _row_keys_jit = jax.jit(row_identity.row_keys, static_argnums=3)
 
 
-def _generate_continuous(graphdef, state, options, prompts, caps, seed, prompt_len, eopts, done):
+def _generate_continuous(
+  graphdef, state, options, prompts, caps, seed, prompt_len, eopts, done, mesh=None, rules=()
+):
   n_rows = len(prompts) * options.num_samples
   eopts = eopts or continuous.EngineOptions()
-  slots = eopts.num_slots or bucket(n_rows, BATCH_BUCKETS)
-  eopts = dataclasses.replace(eopts, num_slots=max(slots, options.num_samples))
-  key = (graphdef, options, eopts)
+  slots = max(eopts.num_slots or bucket(n_rows, BATCH_BUCKETS), options.num_samples)
+  if mesh is not None:  # every device decodes as many slots
+    multiple = continuous.rows_per_shard_multiple(mesh, rules)
+    slots = -(-slots // multiple) * multiple
+  eopts = dataclasses.replace(eopts, num_slots=slots)
+  key = (graphdef, options, eopts, mesh, tuple(rules) if mesh is not None else ())
   if key not in _ENGINES:
-    _ENGINES[key] = continuous.Engine(graphdef, options, eopts, _sample_fn(options), _lm_head)
+    _ENGINES[key] = continuous.Engine(
+      graphdef, options, eopts, _sample_fn(options), _lm_head, mesh=mesh,
+      rules=rules if mesh is not None else sharding.DEFAULT_RULES,
+    )  # fmt: skip
   width = max(prompt_len or 0, max(len(p) for p in prompts)) if prompt_len else None
   tokens, mask = pad_prompts(prompts, pad_id=options.pad_id, prompt_len=width)
   keys = _row_keys_jit(np.uint32(seed % 2**32), tokens, mask, options.num_samples)
