@@ -234,3 +234,29 @@ def test_mesh_decode_gathers_no_weights(model):
     assert size <= largest, line  # never a weight
     if m.group(3) == "all-reduce":
       assert m.group(1) in ("pred", "s32"), line  # only the loop's exit test
+
+
+def test_a_replicated_pool_too_big_for_the_device_falls_back_to_the_static_engine(
+  model, monkeypatch, capsys
+):
+  # Under a mesh the page pool sits on every device: when it would take more than POOL_SHARE of a
+  # device's memory, generate says so and decodes with the static engine (rows sharded), calling
+  # on_row_done for every row after the decode; the rows are the same.
+  mesh = sharding.make_mesh([("data", 2), ("fsdp", 2), ("tensor", 2)])
+  cfg, dtype = model.config, model.dtype
+  assert sampler.replicated_pool_fits(cfg, dtype, SMALL, 3, 40)  # CPU reports no memory limit
+
+  class Device:
+    def memory_stats(self):
+      return {"bytes_limit": 1024}
+
+  monkeypatch.setattr(sampler.jax, "devices", lambda *a: [Device()])
+  assert not sampler.replicated_pool_fits(cfg, dtype, SMALL, 3, 40)
+  kw = dict(max_new_tokens=8, temperature=0.0, eos_ids=EOS, seed=3, engine_options=SMALL)
+  seen = []
+  ours = sampler.generate(model, PROMPTS, mesh=mesh, on_row_done=lambda row, *_: seen.append(row),
+                          **kw)  # fmt: skip
+  assert sampler.last_stats()["engine"] == "static" and sorted(seen) == list(range(len(PROMPTS)))
+  assert "decoding with the static engine" in capsys.readouterr().out
+  monkeypatch.undo()
+  np.testing.assert_array_equal(ours.tokens, sampler.generate(model, PROMPTS, **kw).tokens)
