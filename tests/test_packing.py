@@ -99,13 +99,18 @@ def test_first_fit_decreasing_and_buckets():
     8, 8, 8, 16, 40, 128, 144, 144,
   ]  # fmt: skip
   assert packing.bucket_rows(130, 1) == 144  # four significant bits: 9 x 16
+  # 37 packed rows on 8 devices: micro-batches of at most 16, 32 or 64 rows (the padded ones).
+  assert packing.packed_shape(37, 8, 16) == (3, 16)
+  assert packing.packed_shape(37, 8, 32) == (2, 24)
+  assert packing.packed_shape(37, 8, 64) == (1, 40)
+  assert packing.packed_shape(37, 8) == (1, 40)
 
 
 def grads_of(config, graphdef, params, base_params, batch, teacher=None):
   method = registry.get(config.method)
   loss_fn = train_step.make_loss_fn(config, method, graphdef)
   if isinstance(batch, packing.PackedBatch):
-    batch = packing.with_totals(method.prepare_packed(config, batch), 1)
+    batch = packing.with_totals(method.prepare_packed(config, batch))
   else:
     batch = method.prepare_batch(config, batch)
   grad_fn = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))
@@ -145,9 +150,9 @@ def test_packed_loss_and_gradients_equal_the_padded(method, extra):
 
 
 def test_update_packs_on_the_host_splits_micro_batches_and_compiles_once():
-  """make_update_fn with pack_sequences: the host batch is packed, split over 2 micro-batches and
-  8 devices, and gives the padded update's loss; other lengths reuse the compiled bucket."""
-  mesh = sharding.make_mesh([("data", -1), ("fsdp", 1), ("tensor", 1)])
+  """make_update_fn with pack_sequences: the host batch is packed (5 rows -> 2 micro-batches of 4
+  rows on 2 devices), and gives the padded update's loss; other lengths reuse the compiled shape."""
+  mesh = sharding.make_mesh([("data", 2), ("fsdp", 1), ("tensor", 1)], jax.devices()[:2])
   model = lm.CausalLM(TINY, rngs=nnx.Rngs(0))
   graphdef, params = nnx.split(model, nnx.Param)
   base_params = jax.tree.map(lambda x: x * 1.1, params)
@@ -160,7 +165,11 @@ def test_update_packs_on_the_host_splits_micro_batches_and_compiles_once():
     state = jax.device_put(state, update.shardings)
     state, out = update(state, base_params, make_batch("omniopd"))
     metrics[pack] = jax.device_get(out)
+  packed = packing.pack_for_update(
+    config, registry.get("omniopd"), make_batch("omniopd"), mesh, sharding.DEFAULT_RULES
+  )
+  assert (packed.micro_batches, packed.tokens.shape[0]) == (2, 8)
   for key in ("train/loss", "train/grad_norm", "loss/pg", "loss/kl_anchor"):
     np.testing.assert_allclose(metrics[True][key], metrics[False][key], rtol=1e-5)
   state, _ = update(state, base_params, make_batch("omniopd", 1, np.roll(LENGTHS, 3)))
-  assert update.jitted._cache_size() == 1  # 16 packed rows (2 micro-batches x 8 devices) again
+  assert update.jitted._cache_size() == 1  # 2 micro-batches of 4 packed rows again

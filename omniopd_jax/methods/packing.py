@@ -15,10 +15,12 @@ losses' reductions are global sums with global normalisers (rows with a response
 tokens) counted on device over the whole batch before the micro-batch split (`with_totals`), so a
 packed update gives the padded update's loss and gradients whatever the micro-batch split.
 
-The number of packed rows is rounded up to a bucket (`bucket_rows`): a multiple of the rows one
-micro-batch step needs (micro_batches x the batch axes' devices of this process), that multiple
-rounded up to four significant bits (exact up to 16 units, then steps of 1/8 to 1/16), so a run
-compiles the few shapes its packed counts visit, not one per step.
+Micro-batches split packed rows, and hold at most the tokens of a padded micro-batch (its rows x
+(P + L)): the memory plan of the padded update still bounds the packed one. What packing saves is
+micro-batches: a step runs as many as its packed rows need (`packed_shape`, at most
+config.micro_batches), each of a bucketed number of rows (`bucket_rows`: a multiple of this
+process's devices on the batch axes, rounded up to four significant bits), so a run compiles the
+few shapes its packed counts visit, not one per step.
 """
 
 import math
@@ -48,6 +50,7 @@ class PackedBatch:
   loss_rows: Any = None  # [R] float32, on device: rows with a response token, global / micro
   loss_tokens: Any = None  # [R] float32, on device: response tokens, global / micro
   response_len: int = flax.struct.field(pytree_node=False, default=0)  # padded L (norm default)
+  micro_batches: int = flax.struct.field(pytree_node=False, default=1)  # R splits into these
 
 
 class Placement(NamedTuple):
@@ -113,28 +116,40 @@ def bucket_rows(n: int, unit: int) -> int:
   return -(-k // step) * step * unit
 
 
-def pack(seq: base.Sequences, fields: dict, *, budget: int = 0, unit: int = 1,
-         rows: int = 0) -> tuple[PackedBatch, Placement]:  # fmt: skip
+def packed_shape(bins: int, unit: int = 1, cap: int = 0) -> tuple[int, int]:
+  """(micro-batches, rows per micro-batch) for `bins` packed rows.
+
+  Rows per micro-batch are a bucketed multiple of `unit` (the batch axes' devices) and at most
+  `cap` (the padded micro-batch's rows; 0: no cap); as few micro-batches as that allows.
+  """
+  cap = max(cap // unit, 1) * unit if cap else bucket_rows(bins, unit)
+  micro = max(-(-bins // cap), 1)
+  return micro, min(bucket_rows(-(-bins // micro), unit), cap)
+
+
+def pack(seq: base.Sequences, fields: dict, *, budget: int = 0, unit: int = 1, cap: int = 0,
+         bins: int = 0) -> tuple[PackedBatch, Placement]:  # fmt: skip
   """Packs a padded numpy batch (Sequences [B, P + L] and the method's `fields`) into rows.
 
   Args:
     seq: left-padded prompts then right-padded responses (methods.base.pack's layout).
     fields: name -> [B, L] per response token or [B] per row (broadcast to the row's tokens).
     budget: tokens per packed row (0: the padded row length P + L).
-    unit: the packed row count is a multiple of this (micro_batches x batch-axis devices).
-    rows: at least this many packed rows (e.g. the largest count over processes).
+    unit, cap: rows per micro-batch are a multiple of `unit`, at most `cap` (packed_shape).
+    bins: shape the batch for at least this many packed rows (the largest count over processes).
 
   Returns:
     (PackedBatch of numpy arrays, Placement of the original rows).
   """
   tokens = np.asarray(seq.tokens)
-  b, width = tokens.shape
+  width = tokens.shape[1]
   length = seq.response_tokens.shape[1]
   budget = budget or width
   n_prompt, n_response = row_lengths(seq)
   n = np.where(n_response > 0, n_prompt + n_response, 0)
-  bins, starts, count = first_fit_decreasing(n, budget)
-  r = max(bucket_rows(count, unit), rows)
+  rows, starts, count = first_fit_decreasing(n, budget)
+  micro, per_micro = packed_shape(max(count, bins), unit, cap)
+  r = micro * per_micro
   out = {k: np.zeros((r, budget), np.int32) for k in ("tokens", "positions", "segment_ids")}
   targets = np.zeros((r, budget), np.int32)
   loss_mask, row_first = np.zeros((r, budget), bool), np.zeros((r, budget), bool)
@@ -142,8 +157,8 @@ def pack(seq: base.Sequences, fields: dict, *, budget: int = 0, unit: int = 1,
   segments = np.zeros(r, np.int32)
   prompt_len = width - length
   real_prompt = np.asarray(seq.attention_mask, bool)[:, :prompt_len]
-  for i in np.flatnonzero(bins >= 0):
-    k, s, p_i, l_i = bins[i], starts[i], n_prompt[i], n_response[i]
+  for i in np.flatnonzero(rows >= 0):
+    k, s, p_i, l_i = rows[i], starts[i], n_prompt[i], n_response[i]
     segments[k] += 1
     span = slice(s, s + p_i + l_i)
     prompt = tokens[i, :prompt_len][real_prompt[i]]
@@ -158,18 +173,18 @@ def pack(seq: base.Sequences, fields: dict, *, budget: int = 0, unit: int = 1,
       packed_fields[name][k, predict] = v[i, :l_i] if v.ndim == 2 else v[i]
   batch = PackedBatch(
     **out, targets=targets, loss_mask=loss_mask, row_first=row_first, fields=packed_fields,
-    response_len=length,
+    response_len=length, micro_batches=micro,
   )  # fmt: skip
-  return batch, Placement(bins, starts, n)
+  return batch, Placement(rows, starts, n)
 
 
-def with_totals(batch: PackedBatch, micro: int) -> PackedBatch:
+def with_totals(batch: PackedBatch) -> PackedBatch:
   """Adds the losses' global normalisers (device, the global batch, before any micro-split).
 
-  Each micro-batch's loss is its share of the global sums over these totals divided by `micro`;
-  the accumulation averages micro-batches, so the update sees the global loss exactly.
+  Each micro-batch's loss is its share of the global sums over these totals divided by the
+  number of micro-batches; the accumulation averages them, so the update sees the global loss.
   """
-  r = batch.tokens.shape[0]
+  r, micro = batch.tokens.shape[0], batch.micro_batches
   per_row = lambda x: jnp.full((r,), x.astype(jnp.float32) / micro)  # [R]: survives the split
   return batch.replace(
     loss_rows=per_row(batch.row_first.sum()), loss_tokens=per_row(batch.loss_mask.sum())
@@ -190,30 +205,31 @@ def totals(batch: PackedBatch) -> Totals:
   return Totals(rows=batch.loss_rows.max(), tokens=batch.loss_tokens.max())
 
 
-def row_unit(micro: int, mesh, rules) -> int:
-  """Packed rows must split into `micro` micro-batches, each divided over this process's
-  devices of the batch axes: the packed row count of this process is a multiple of this."""
-  table = dict(rules)
-  target = table.get("batch")
+def batch_devices(mesh, rules) -> int:
+  """This process's devices along the batch axes: packed rows per micro-batch divide over them."""
+  target = dict(rules).get("batch")
   axes = (target,) if isinstance(target, str) else tuple(target or ())
   devices = math.prod(mesh.shape[a] for a in axes if a in mesh.shape)
-  return micro * max(devices // jax.process_count(), 1)
+  return max(devices // jax.process_count(), 1)
 
 
 def pack_for_update(config, method, batch, mesh, rules) -> PackedBatch:
   """The host half of a packed update: a method's padded numpy batch -> this process's packed
-  rows. With several processes they agree on the row count (the largest)."""
-  micro = max(int(config.micro_batches), 1)
-  unit = row_unit(micro, mesh, rules)
+  rows, each micro-batch holding at most the tokens of a padded one (config.micro_batches).
+  With several processes they agree on the shape (from the largest packed count)."""
   fields = method.token_fields(config, batch)
-  budget = int(config.get("pack_tokens", 0))
-  packed, _ = pack(batch.seq, fields, budget=budget, unit=unit)
+  rows, width = batch.seq.tokens.shape
+  budget = int(config.get("pack_tokens", 0)) or width
+  micro = max(int(config.micro_batches), 1)
+  kw = dict(budget=budget, unit=batch_devices(mesh, rules), cap=rows * width // (micro * budget))
+  packed, where = pack(batch.seq, fields, **kw)
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils
 
-    most = int(np.max(multihost_utils.process_allgather(np.int32(packed.tokens.shape[0]))))
-    if most > packed.tokens.shape[0]:
-      packed, _ = pack(batch.seq, fields, budget=budget, unit=unit, rows=most)
+    count = int(where.packed_row.max()) + 1
+    most = int(np.max(multihost_utils.process_allgather(np.int32(count))))
+    if most > count:
+      packed, _ = pack(batch.seq, fields, bins=most, **kw)
   return packed
 
 

@@ -257,10 +257,11 @@ def make_update_fn(
   Returns `update(state, base_params, batch, teacher_params=None) -> (state, metrics)`; batch is
   the method's typed batch (e.g. methods.omniopd.OmniOPDBatch) of [B, ...] arrays, numpy rows of
   this process or global arrays sharded over the batch axes. With `config.pack_sequences` a host
-  batch is first packed (methods/packing.py: rows end to end in `pack_tokens`-token rows, the
-  packed row count bucketed so a run compiles a few shapes); a PackedBatch is taken as it is. `teacher_params` is only used by
-  `opd` with the full-vocabulary estimator (same-tokenizer teacher in process), whose
-  architecture is `teacher_graphdef` (default: the student's).
+  batch is first packed (methods/packing.py: rows end to end in `pack_tokens`-token rows, as many
+  micro-batches as they need, bucketed so a run compiles a few shapes); a PackedBatch is taken as
+  it is. `teacher_params` is only used by `opd` with the full-vocabulary estimator
+  (same-tokenizer teacher in process), whose architecture is `teacher_graphdef` (default: the
+  student's).
   """
   method = registry.get(config.method)
   tx = make_optimizer(config.optimizer, config.num_steps)
@@ -272,11 +273,12 @@ def make_update_fn(
 
   def update(state: TrainState, base_params, batch, teacher_params=None):
     # The global batch, before any micro-split (a packed batch also gets its global totals).
-    if isinstance(batch, packing.PackedBatch):
-      batch = packing.with_totals(method.prepare_packed(config, batch), micro)
+    if isinstance(batch, packing.PackedBatch):  # as many micro-batches as its rows need
+      batch = packing.with_totals(method.prepare_packed(config, batch))
+      accumulated = make_accumulate_fn(grad_fn, batch.micro_batches)
     else:
-      batch = method.prepare_batch(config, batch)
-    (loss, aux), grads = accumulate(state.params, base_params, teacher_params, batch)
+      batch, accumulated = method.prepare_batch(config, batch), accumulate
+    (loss, aux), grads = accumulated(state.params, base_params, teacher_params, batch)
     grad_norm = optax.global_norm(grads)
     # A non-finite loss leaves the state untouched, so the last good parameters survive. A cond
     # (not a select over two whole states) lets the optimizer write the new state in place.
