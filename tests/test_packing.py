@@ -169,6 +169,7 @@ def test_update_packs_on_the_host_splits_micro_batches_and_compiles_once():
     config, registry.get("omniopd"), make_batch("omniopd"), mesh, sharding.DEFAULT_RULES
   )
   assert (packed.micro_batches, packed.tokens.shape[0]) == (2, 8)
+  assert metrics[True]["pack/rows"] == 8 and metrics[True]["pack/micro_batches"] == 2
   for key in ("train/loss", "train/grad_norm", "loss/pg", "loss/kl_anchor"):
     np.testing.assert_allclose(metrics[True][key], metrics[False][key], rtol=1e-5)
   state, _ = update(state, base_params, make_batch("omniopd", 1, np.roll(LENGTHS, 3)))

@@ -11,6 +11,7 @@ from typing import Any
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 
@@ -312,13 +313,22 @@ def make_update_fn(
   pack = bool(config.get("pack_sequences", False))
 
   def call(state, base_params, batch, teacher_params=None):
+    packed = {}  # host metrics of the packing (this process's rows)
     if pack and not isinstance(batch, packing.PackedBatch):  # this process's rows, end to end
       if not _is_host(batch):
         raise ValueError("pack_sequences=True packs on the host: pass the collected numpy batch")
+      padded = batch.seq.tokens.size
       batch = packing.pack_for_update(config, method, batch, mesh, rules)
+      packed = {
+        "pack/rows": float(batch.tokens.shape[0]),
+        "pack/micro_batches": float(batch.micro_batches),
+        "pack/padding_frac": float(np.mean(batch.segment_ids == 0)),
+        "pack/tokens_vs_padded": batch.tokens.size / padded,  # update tokens, packed / padded
+      }
     if _is_host(batch):  # this process's rows -> one global batch (any number of processes)
       batch = jax.tree.map(lambda x: sharding.global_batch(x, mesh, rules), batch)
-    return jitted(state, base_params, batch, teacher_params)
+    state, metrics = jitted(state, base_params, batch, teacher_params)
+    return state, {**metrics, **packed}
 
   call.jitted = jitted
   call.shardings = shardings
