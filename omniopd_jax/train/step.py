@@ -76,10 +76,11 @@ def state_shardings(abstract_state: TrainState, mesh, rules=sharding.DEFAULT_RUL
 
 
 def packed_attention(attention: str) -> str:
-  """The training attention for packed rows: one with segment ids. "auto" picks the GPU Pallas
-  kernel on GPU (cuDNN's path takes one contiguous span per row), blockwise elsewhere."""
+  """The training attention for packed rows: one with segment ids. "auto" picks blockwise on
+  every backend: cuDNN's path takes one contiguous span per row, and the Pallas kernels see one
+  device's rows (ops/attention.py), where blockwise is pure JAX that GSPMD partitions."""
   if attention == "auto":
-    return "pallas_gpu" if jax.default_backend() == "gpu" else "blockwise"
+    return "blockwise"
   if attention_ops.resolve(attention) in ("xla", "cudnn"):
     raise ValueError(
       f"model.attention={attention!r} takes one contiguous span of tokens per row; packed "
