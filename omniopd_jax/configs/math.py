@@ -34,6 +34,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.num_steps = 1000  # optimizer steps
   c.batch_size = 64  # prompts per step, global (split over processes and the batch mesh axes)
   c.micro_batches = 1  # gradient accumulation: the batch is split into this many slices
+  # Update on packed sequences (methods/packing.py): each row's prompt + response laid end to end
+  # (first-fit-decreasing) in rows of pack_tokens tokens, not padded to the longest response.
+  c.pack_sequences = False
+  c.pack_tokens = 0  # tokens per packed row (0: the padded row length, prompt + max_new_tokens)
   c.one_step_off = False  # overlap the teacher of step t+1 with the update of step t (off-policy)
   c.checkpoint_every = 50  # steps between Orbax checkpoints (one is always written at the end)
   c.keep_checkpoints = 3  # how many checkpoints to keep

@@ -129,6 +129,25 @@ def _check_top_level(c: _Checker):
   batch, micro = c.value("batch_size"), c.value("micro_batches")
   if _ints(batch, micro) and micro >= 1 and batch % micro:
     c.problems.append(f"batch_size={batch} must divide evenly into micro_batches={micro}")
+  _check_packing(c)
+
+
+def _check_packing(c: _Checker):
+  c.int_at_least("pack_tokens", 0, " (0: the padded row length)")
+  budget, prompt = c.value("pack_tokens"), c.value("max_prompt_len")
+  response = c.value("rollout.max_new_tokens")
+  if c.value("pack_sequences") is True and _ints(budget, prompt, response) and budget:
+    c.require(
+      budget >= prompt + response,
+      f"pack_tokens={budget} must be 0 or at least max_prompt_len + rollout.max_new_tokens = "
+      f"{prompt + response}: a row of that length must fit one packed row",
+    )
+  if c.value("pack_sequences") is True and c.value("model.attention") in ("xla", "cudnn"):
+    c.problems.append(
+      f"pack_sequences=True needs an attention with segment ids; model.attention="
+      f"{c.value('model.attention')!r} takes one span per row (use auto, dense, blockwise, "
+      "splash or pallas_gpu)"
+    )
 
 
 def _check_model_and_rollout(c: _Checker):

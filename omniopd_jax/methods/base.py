@@ -89,6 +89,11 @@ def _unchanged(config, batch):
   return batch
 
 
+def _no_fields(config, batch) -> dict:
+  del config, batch
+  return {}
+
+
 @dataclasses.dataclass(frozen=True)
 class Method:
   """A training method: how a step's batch is collected and what loss it trains."""
@@ -105,6 +110,12 @@ class Method:
   # Device-side preparation of the global batch before any micro-batch split.
   prepare_batch: Callable[[Any, Any], Any] = _unchanged
   samples_per_prompt: Callable[[Any], int] = _one  # rows of the batch per prompt
+  # Packed updates (config.pack_sequences, methods/packing.py): the batch's per-row signal as
+  # per-token fields (host: name -> [B, L] per response token or [B] per row, numpy), the loss
+  # of a PackedBatch (same signature as `loss`), and its device-side preparation.
+  token_fields: Callable[[Any, Any], dict] = _no_fields
+  packed_loss: Loss | None = None
+  prepare_packed: Callable[[Any, Any], Any] = _unchanged
 
 
 def abstract_sequences(rows: int, prompt_len: int, length: int) -> Sequences:

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from omniopd_jax.data import grading
-from omniopd_jax.methods import base, losses
+from omniopd_jax.methods import base, losses, packing
 
 
 @flax.struct.dataclass
@@ -92,6 +92,7 @@ def grpo_loss(
   reduction: str = "sequence_sum",
   norm_constant: float | None = None,
   kl_anchor: bool = True,
+  totals=None,
 ) -> tuple[jax.Array, dict]:
   """GRPO with a clipped importance ratio and the same exact KL anchor as OmniOPD.
 
@@ -101,8 +102,9 @@ def grpo_loss(
 
   Args:
     logits: [B, T, V]; old_logprobs: [B, T] log-probs of the sampling policy; targets: [B, T];
-    token_mask: [B, T] bool; advantages: [B] (group_advantages); base_logits: [B, T, V], may be
-    None when kl_anchor=False.
+    token_mask: [B, T] bool; advantages: [B] (group_advantages) or [B, T] per token (packed);
+    base_logits: [B, T, V], may be None when kl_anchor=False; totals: a packed batch's global
+    normalisers (losses.masked_reduce).
 
   Returns:
     (loss, aux): loss/pg, loss/kl_anchor, grpo/clip_frac, grpo/ratio_mean, kl/mean.
@@ -110,13 +112,14 @@ def grpo_loss(
   mask = token_mask.astype(bool)
   logp = losses.token_logprobs(logits, targets)  # [B, T]
   ratio = jnp.exp(logp - old_logprobs.astype(jnp.float32))  # [B, T]
-  adv = jnp.asarray(advantages, jnp.float32)[:, None]  # [B, 1]
+  adv = jnp.asarray(advantages, jnp.float32)
+  adv = adv if adv.ndim == 2 else adv[:, None]  # [B, T] or [B, 1]
   clipped = jnp.clip(ratio, 1.0 - clip_eps, 1.0 + clip_eps)
   pg = -jnp.minimum(ratio * adv, clipped * adv)  # [B, T]
   kl = losses.kl_anchor(base_logits, logits, logp, enabled=kl_anchor, who="grpo_loss")  # [B, T]
-  pg_loss = losses.masked_reduce(pg, mask, reduction, norm_constant)
+  pg_loss = losses.masked_reduce(pg, mask, reduction, norm_constant, totals)
   kl_loss = (
-    losses.masked_reduce(beta * kl, mask, reduction, norm_constant)
+    losses.masked_reduce(beta * kl, mask, reduction, norm_constant, totals)
     if kl_anchor
     else jnp.float32(0.0)
   )
@@ -144,6 +147,24 @@ def loss(config, logits, batch: GRPOBatch, base_logits=None, teacher_logits=None
   )  # fmt: skip
 
 
+def token_fields(config, batch: GRPOBatch) -> dict:
+  """Per-token inputs of a packed update (methods/packing.py): [B, L] and [B] numpy."""
+  del config
+  return {"old_logprobs": batch.old_logprobs, "advantages": batch.advantages}
+
+
+def packed_loss(config, logits, batch: packing.PackedBatch, base_logits=None, teacher_logits=None):
+  """`loss` of a packed (micro-)batch; logits [R, S, V] (or HeadStats) predict batch.targets."""
+  del teacher_logits
+  g, f = config.grpo, batch.fields
+  return grpo_loss(
+    logits, f["old_logprobs"], batch.targets, batch.loss_mask, f["advantages"],
+    base_logits=base_logits, beta=g.beta, clip_eps=g.clip_eps,
+    norm_constant=config.omniopd.norm_constant or batch.response_len, kl_anchor=g.beta > 0,
+    totals=packing.totals(batch),
+  )  # fmt: skip
+
+
 def abstract_batch(config, rows: int, prompt_len: int, length: int) -> GRPOBatch:
   del config
   s = jax.ShapeDtypeStruct
@@ -161,4 +182,6 @@ METHOD = base.Method(
   abstract_batch=abstract_batch,
   needs_base=lambda config: config.grpo.beta > 0,
   samples_per_prompt=lambda config: config.grpo.group_size,
+  token_fields=token_fields,
+  packed_loss=packed_loss,
 )

@@ -57,23 +57,29 @@ def kl_anchor(base_logits, logits, like: jax.Array, *, enabled: bool, who: str) 
 
 
 def masked_reduce(
-  per_token: jax.Array, mask: jax.Array, reduction: str, norm_constant: float | None = None
-) -> jax.Array:
+  per_token: jax.Array, mask: jax.Array, reduction: str, norm_constant: float | None = None,
+  totals=None,
+) -> jax.Array:  # fmt: skip
   """Reduces [B, T] per-token losses over the True entries of mask.
 
   "sequence_sum": mean over rows that have any token of (sum_t x_bt) / norm_constant
     (default norm_constant: T). A constant divisor keeps every token's weight independent of the
     length of its response; fully masked (padding) rows do not count.
   "token_mean": sum_bt x_bt / (number of tokens).
+  `totals` (packed batches, methods.packing.Totals): the row and token counts to divide by,
+  counted over the global batch, in place of this batch's own rows of `mask` (a packed row holds
+  several sequences, so rows of `mask` are not sequences).
   """
   mask = mask.astype(bool)
   total = jnp.where(mask, per_token, 0.0)  # where, not *: garbage at padding must not leak
   if reduction == "sequence_sum":
     norm = per_token.shape[-1] if norm_constant is None else norm_constant
-    rows = jnp.maximum(jnp.any(mask, axis=-1).sum(), 1)
+    rows = jnp.any(mask, axis=-1).sum() if totals is None else totals.rows
+    rows = jnp.where(rows > 0, rows, 1)  # (a packed share may be fractional: no max(., 1))
     return total.sum() / (norm * rows)
   if reduction == "token_mean":
-    return total.sum() / jnp.maximum(mask.sum(), 1)
+    tokens = mask.sum() if totals is None else totals.tokens
+    return total.sum() / jnp.where(tokens > 0, tokens, 1)
   raise ValueError(f"Unknown reduction {reduction!r}; choose one of {REDUCTIONS}.")
 
 

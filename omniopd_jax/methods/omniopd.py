@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from omniopd_jax.methods import base, losses, overlap
+from omniopd_jax.methods import base, losses, overlap, packing
 from omniopd_jax.reward import posterior
 from omniopd_jax.rollout import chunks, forks, sampler
 from omniopd_jax.teacher import backends as tb
@@ -328,6 +328,7 @@ def omniopd_loss(
   norm_constant: float | None = None,
   kl_anchor: bool = True,
   kl_on_audited: bool = False,
+  totals=None,
 ) -> tuple[jax.Array, dict]:
   """The OmniOPD loss (SPEC §1.6).
 
@@ -339,6 +340,7 @@ def omniopd_loss(
   Args:
     logits, base_logits: [B, T, V] from the student and the frozen base; targets: [B, T] int.
     token_mask: [B, T] bool generated tokens; token_weight: [B, T] float; audited_tokens: [B, T] bool.
+    totals: a packed batch's global normalisers (losses.masked_reduce), else None.
 
   Returns:
     (loss scalar float32, aux dict of scalars: loss/pg, loss/kl_anchor, kl/unaudited_mean,
@@ -351,8 +353,8 @@ def omniopd_loss(
   anchored = mask if kl_on_audited else mask & ~audited
   kl = losses.kl_anchor(base_logits, logits, logp, enabled=kl_anchor, who="omniopd_loss")
   kl_term = beta * jnp.where(anchored, kl, 0.0) if kl_anchor else jnp.zeros_like(logp)  # [B, T]
-  pg_loss = losses.masked_reduce(pg, mask, reduction, norm_constant)
-  kl_loss = losses.masked_reduce(kl_term, mask, reduction, norm_constant)
+  pg_loss = losses.masked_reduce(pg, mask, reduction, norm_constant, totals)
+  kl_loss = losses.masked_reduce(kl_term, mask, reduction, norm_constant, totals)
   aux = {
     "loss/pg": pg_loss,
     "loss/kl_anchor": kl_loss,
@@ -393,6 +395,48 @@ def center_fork_weights(config, batch: OmniOPDBatch) -> OmniOPDBatch:
   return batch.replace(fork_weight=(weight - mean) * mask)
 
 
+def token_fields(config, batch: OmniOPDBatch) -> dict:
+  """Per-token inputs of a packed update (methods/packing.py), numpy: each chunk's weight on its
+  tokens [B, L] (not yet centred), the audited tokens [B, L], and per row [B] the sum and count
+  of its audited forks' weights (what centring averages, counted once per row on device)."""
+  length = batch.seq.response_tokens.shape[1]
+  starts, valid = np.asarray(batch.fork_starts), np.asarray(batch.fork_mask, bool)
+  weight = np.asarray(batch.fork_weight, np.float32)
+  token_weight, audited = chunk_token_weights(
+    starts, valid, weight, config.omniopd.chunk_len, length
+  )  # [B, L] each
+  return {
+    "token_weight": np.asarray(token_weight),
+    "audited": np.asarray(audited),
+    "fork_weight_sum": np.where(valid, weight, 0.0).sum(1).astype(np.float32),  # [B]
+    "fork_count": valid.sum(1).astype(np.float32),  # [B]
+  }
+
+
+def center_packed_weights(config, batch: packing.PackedBatch) -> packing.PackedBatch:
+  """center_fork_weights for a packed batch: the same global mean over audited forks, from the
+  per-row sums taken once per row (at row_first), subtracted on the audited tokens."""
+  if config.omniopd.weight_form != "centered":
+    return batch
+  f, once = batch.fields, batch.row_first
+  mean = jnp.where(once, f["fork_weight_sum"], 0.0).sum() / jnp.maximum(
+    jnp.where(once, f["fork_count"], 0.0).sum(), 1.0
+  )
+  token_weight = jnp.where(f["audited"], f["token_weight"] - mean, 0.0)  # [R, S]
+  return batch.replace(fields={**f, "token_weight": token_weight})
+
+
+def packed_loss(config, logits, batch: packing.PackedBatch, base_logits=None, teacher_logits=None):
+  """`loss` of a packed (micro-)batch; logits [R, S, V] (or HeadStats) predict batch.targets."""
+  del teacher_logits
+  o, f = config.omniopd, batch.fields
+  return omniopd_loss(
+    logits, base_logits, batch.targets, batch.loss_mask, f["token_weight"], f["audited"],
+    beta=o.beta, reduction=o.reduction, norm_constant=o.norm_constant or batch.response_len,
+    kl_anchor=o.kl_anchor, totals=packing.totals(batch),
+  )  # fmt: skip
+
+
 def needs_base(config) -> bool:
   return bool(config.omniopd.kl_anchor)
 
@@ -415,4 +459,7 @@ METHOD = base.Method(
   teacher="api",
   needs_base=needs_base,
   prepare_batch=center_fork_weights,
+  token_fields=token_fields,
+  packed_loss=packed_loss,
+  prepare_packed=center_packed_weights,
 )

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from omniopd_jax.methods import base, losses
+from omniopd_jax.methods import base, losses, packing
 from omniopd_jax.ops.vocab_tiling import HeadStats
 
 ESTIMATORS = ("sampled", "full_vocab")
@@ -56,6 +56,7 @@ def opd_sampled_loss(
   *,
   reduction: str = "sequence_sum",
   norm_constant: float | None = None,
+  totals=None,
 ) -> tuple[jax.Array, dict]:
   """White-box OPD, sampled-token reverse-KL estimator (REINFORCE form).
 
@@ -72,7 +73,7 @@ def opd_sampled_loss(
   mask = token_mask.astype(bool)
   logp = losses.token_logprobs(logits, targets)  # [B, T]
   advantage = jax.lax.stop_gradient(teacher_logprobs.astype(jnp.float32) - logp)  # [B, T]
-  loss_value = losses.masked_reduce(-advantage * logp, mask, reduction, norm_constant)
+  loss_value = losses.masked_reduce(-advantage * logp, mask, reduction, norm_constant, totals)
   return loss_value, {
     "opd/reverse_kl_estimate": losses.masked_mean(-advantage, mask),
     "loss/logprob_mean": losses.masked_mean(logp, mask),
@@ -106,6 +107,7 @@ def opd_full_kl_loss(
   *,
   reduction: str = "sequence_sum",
   norm_constant: float | None = None,
+  totals=None,
 ) -> tuple[jax.Array, dict]:
   """White-box OPD with teacher logits at hand: x_bt = KL(p || p_T)_bt, exact over the vocabulary.
 
@@ -117,7 +119,7 @@ def opd_full_kl_loss(
   """
   mask = token_mask.astype(bool)
   kl = reverse_kl_to_teacher(logits, teacher_logits)  # [B, T]
-  return losses.masked_reduce(kl, mask, reduction, norm_constant), {
+  return losses.masked_reduce(kl, mask, reduction, norm_constant, totals), {
     "opd/reverse_kl_mean": losses.masked_mean(kl, mask)
   }
 
@@ -134,6 +136,27 @@ def loss(config, logits, batch: OPDBatch, base_logits=None, teacher_logits=None)
   )
 
 
+def token_fields(config, batch: OPDBatch) -> dict:
+  """Per-token inputs of a packed update (methods/packing.py): the teacher's [B, L] log-probs."""
+  if config.opd.estimator == "full_vocab":
+    return {}
+  return {"teacher_logprobs": batch.teacher_logprobs}
+
+
+def packed_loss(config, logits, batch: packing.PackedBatch, base_logits=None, teacher_logits=None):
+  """`loss` of a packed (micro-)batch; logits [R, S, V] (or HeadStats) predict batch.targets."""
+  del base_logits
+  norm = config.omniopd.norm_constant or batch.response_len
+  totals = packing.totals(batch)
+  if config.opd.estimator == "full_vocab":
+    return opd_full_kl_loss(logits, teacher_logits, batch.loss_mask, norm_constant=norm,
+                            totals=totals)  # fmt: skip
+  return opd_sampled_loss(
+    logits, batch.targets, batch.fields["teacher_logprobs"], batch.loss_mask, norm_constant=norm,
+    totals=totals,
+  )  # fmt: skip
+
+
 def abstract_batch(config, rows: int, prompt_len: int, length: int) -> OPDBatch:
   sampled = config.opd.estimator == "sampled"
   teacher_logprobs = jax.ShapeDtypeStruct((rows, length), jnp.float32) if sampled else None
@@ -147,4 +170,6 @@ METHOD = base.Method(
   abstract_batch=abstract_batch,
   teacher="model",
   needs_teacher_logits=lambda config: config.opd.estimator == "full_vocab",
+  token_fields=token_fields,
+  packed_loss=packed_loss,
 )

@@ -10,7 +10,7 @@ import jax
 import numpy as np
 
 from omniopd_jax.data import tasks
-from omniopd_jax.methods import base, losses
+from omniopd_jax.methods import base, losses, packing
 
 
 @flax.struct.dataclass
@@ -50,16 +50,18 @@ def collect(ctx: base.Context, model, batch: dict, step: int):
 
 
 def sft_loss(
-  logits, targets, token_mask, *, reduction: str = "token_mean", norm_constant: float | None = None
-) -> tuple[jax.Array, dict]:
-  """Masked cross-entropy: x_bt = -log p(y_bt) over tokens with token_mask, then `masked_reduce`.
+  logits, targets, token_mask, *, reduction: str = "token_mean", norm_constant: float | None = None,
+  totals=None,
+) -> tuple[jax.Array, dict]:  # fmt: skip
+  """Masked cross-entropy: x_bt = -log p(y_bt) over tokens with token_mask, then `masked_reduce`
+  (with a packed batch's global `totals`).
 
   Returns:
     (loss, aux): loss/nll_token_mean (mean NLL per token whatever the reduction).
   """
   mask = token_mask.astype(bool)
   nll = -losses.token_logprobs(logits, targets)  # [B, T]
-  return losses.masked_reduce(nll, mask, reduction, norm_constant), {
+  return losses.masked_reduce(nll, mask, reduction, norm_constant, totals), {
     "loss/nll_token_mean": losses.masked_mean(nll, mask)
   }
 
@@ -70,9 +72,17 @@ def loss(config, logits, batch: SFTBatch, base_logits=None, teacher_logits=None)
   return sft_loss(logits, batch.seq.response_tokens, batch.seq.response_mask)
 
 
+def packed_loss(config, logits, batch: packing.PackedBatch, base_logits=None, teacher_logits=None):
+  """`loss` of a packed (micro-)batch; logits [R, S, V] (or HeadStats) predict batch.targets."""
+  del config, base_logits, teacher_logits
+  return sft_loss(logits, batch.targets, batch.loss_mask, totals=packing.totals(batch))
+
+
 def abstract_batch(config, rows: int, prompt_len: int, length: int) -> SFTBatch:
   del config
   return SFTBatch(base.abstract_sequences(rows, prompt_len, length))
 
 
-METHOD = base.Method(name="sft", collect=collect, loss=loss, abstract_batch=abstract_batch)
+METHOD = base.Method(
+  name="sft", collect=collect, loss=loss, abstract_batch=abstract_batch, packed_loss=packed_loss
+)

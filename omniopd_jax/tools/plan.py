@@ -223,7 +223,10 @@ def plan(config, cfg: model.ModelConfig, mesh_sizes: dict[str, int], remat: bool
   u = -(-config.batch_size // (n_rows * micro))
   seq = prompt + length - 1
   teacher = config.method == "opd" and config.opd.estimator == "full_vocab"
-  head_line = _head_line(config, cfg, u, length, vocab_dev, use_base, teacher, c)
+  # Packed rows (methods/packing.py) run the head on every position, not only the L response
+  # ones; a packed micro-batch holds at most a padded one's rows, so the rest bounds it as is.
+  head_len = seq + 1 if config.get("pack_sequences", False) else length
+  head_line = _head_line(config, cfg, u, head_len, vocab_dev, use_base, teacher, c)
   e, f = cfg.hidden_size, ffn_dev
   fused = attention_ops.resolve(config.model.get("attention", "dense")) != "dense"
   # Dense attention saves float32 scores, masked scores and softmax plus the probabilities in c

@@ -11,12 +11,14 @@ from typing import Any
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 
 from omniopd_jax import sharding
-from omniopd_jax.methods import base, registry
+from omniopd_jax.methods import base, packing, registry
 from omniopd_jax.models import lm
+from omniopd_jax.ops import attention as attention_ops
 from omniopd_jax.ops import vocab_tiling
 
 
@@ -73,14 +75,37 @@ def state_shardings(abstract_state: TrainState, mesh, rules=sharding.DEFAULT_RUL
   return TrainState(step=replicated, params=param_shardings, opt_state=opt, rng=replicated)
 
 
-def response_hidden(graphdef, params, seq: base.Sequences, remat=False, attention="dense",
-                    constrain=None, mlp_chunk=0):  # fmt: skip
+def packed_attention(attention: str) -> str:
+  """The training attention for packed rows: one with segment ids. "auto" picks blockwise on
+  every backend: cuDNN's path takes one contiguous span per row, and the Pallas kernels see one
+  device's rows (ops/attention.py), where blockwise is pure JAX that GSPMD partitions."""
+  if attention == "auto":
+    return "blockwise"
+  if attention_ops.resolve(attention) in ("xla", "cudnn"):
+    raise ValueError(
+      f"model.attention={attention!r} takes one contiguous span of tokens per row; packed "
+      "sequences (pack_sequences=True) need segment ids: auto, dense, blockwise, splash or "
+      "pallas_gpu"
+    )
+  return attention
+
+
+def response_hidden(graphdef, params, seq, remat=False, attention="dense", constrain=None,
+                    mlp_chunk=0):  # fmt: skip
   """(final hidden states predicting each response token [B, L, E], the merged model).
 
   seq.tokens is [B, P + L] (left-padded prompt then response). Position P - 1 + i predicts
-  response token i.
+  response token i. A packing.PackedBatch instead gives [R, S, E] over every packed position
+  (position j predicts seq.targets[:, j]), each sequence attending within its segment only.
   """
   model = nnx.merge(graphdef, params)
+  if isinstance(seq, packing.PackedBatch):
+    hidden = model.hidden_states(
+      seq.tokens, seq.segment_ids > 0, seq.positions, remat=remat,
+      attention=packed_attention(attention), segment_ids=seq.segment_ids, constrain=constrain,
+      mlp_chunk=mlp_chunk,
+    )  # fmt: skip
+    return hidden, model
   tokens, mask = seq.tokens, seq.attention_mask
   length = seq.response_mask.shape[1]
   hidden = model.hidden_states(
@@ -94,8 +119,8 @@ def response_hidden(graphdef, params, seq: base.Sequences, remat=False, attentio
   return hidden[:, -length:], model
 
 
-def response_logits(graphdef, params, seq: base.Sequences, remat=False, attention="dense",
-                    constrain=None, mlp_chunk=0) -> jax.Array:  # fmt: skip
+def response_logits(graphdef, params, seq, remat=False, attention="dense", constrain=None,
+                    mlp_chunk=0) -> jax.Array:  # fmt: skip
   """Logits predicting each response token: [B, L, V] float32 (the dense path; the LM head on
   those L positions only)."""
   hidden, model = response_hidden(graphdef, params, seq, remat, attention, constrain, mlp_chunk)
@@ -103,10 +128,11 @@ def response_logits(graphdef, params, seq: base.Sequences, remat=False, attentio
 
 
 def response_stats(
-  model_cfg, graphdef, params, seq: base.Sequences, base_params=None, teacher=None, mesh=None,
+  model_cfg, graphdef, params, seq, base_params=None, teacher=None, mesh=None,
   rules=sharding.DEFAULT_RULES,
 ):  # fmt: skip
-  """Per-token log-probs, entropy and KLs [B, L] from the vocabulary-tiled head (ops/).
+  """Per-token log-probs, entropy and KLs [B, L] from the vocabulary-tiled head (ops/); for a
+  packing.PackedBatch, [R, S] over its packed positions.
 
   No [B, L, V] array exists in the forward or the backward pass. The frozen base (and the
   in-process teacher, `teacher` = (graphdef, params)) run their trunks to hidden states without
@@ -133,8 +159,9 @@ def response_stats(
     spec = sharding.logical_to_spec(axes, student.weights.shape, mesh, rules)
     named = jax.sharding.NamedSharding(mesh, spec)
     head_sharding = lambda w: jax.lax.with_sharding_constraint(w, named)
+  targets = seq.targets if isinstance(seq, packing.PackedBatch) else seq.response_tokens
   return vocab_tiling.head_stats(
-    student, seq.response_tokens,
+    student, targets,
     base=frozen(graphdef, base_params), teacher=None if teacher is None else frozen(*teacher),
     vocab_tile=int(model_cfg.get("head_vocab_tile", 0)) or None,
     constrain_rows=rows, constrain_head=head_sharding,
@@ -166,23 +193,24 @@ def make_loss_fn(config, method: base.Method, graphdef, teacher_graphdef=None, m
     constrain = lambda x: jax.lax.with_sharding_constraint(x, rows)
 
   def loss_fn(params, base_params, teacher_params, batch):
+    packed = isinstance(batch, packing.PackedBatch)  # rows packed end to end (methods/packing)
+    seq = batch if packed else batch.seq
+    loss = method.packed_loss if packed else method.loss
+    if loss is None:
+      raise ValueError(f"method {method.name!r} has no packed loss: set pack_sequences=False")
     if tiled:  # per-token statistics [b, L]; the losses read them in place of logits
       teacher = (teacher_graphdef, teacher_params) if use_teacher else None
       base_p = base_params if use_base else None
-      stats = response_stats(model_cfg, graphdef, params, batch.seq, base_p, teacher, mesh, rules)
-      return method.loss(
-        config, stats, batch, stats if use_base else None, stats if use_teacher else None
-      )
-    dense = lambda g, p, r=False: response_logits(
-      g, p, batch.seq, r, attention, constrain, mlp_chunk
-    )
+      stats = response_stats(model_cfg, graphdef, params, seq, base_p, teacher, mesh, rules)
+      return loss(config, stats, batch, stats if use_base else None, stats if use_teacher else None)
+    dense = lambda g, p, r=False: response_logits(g, p, seq, r, attention, constrain, mlp_chunk)
     logits = dense(graphdef, params, remat)  # [b, L, V]
     base_logits = teacher_logits = None
     if use_base:
       base_logits = jax.lax.stop_gradient(dense(graphdef, base_params))
     if use_teacher:
       teacher_logits = jax.lax.stop_gradient(dense(teacher_graphdef, teacher_params))
-    return method.loss(config, logits, batch, base_logits, teacher_logits)
+    return loss(config, logits, batch, base_logits, teacher_logits)
 
   return loss_fn
 
@@ -230,9 +258,12 @@ def make_update_fn(
 
   Returns `update(state, base_params, batch, teacher_params=None) -> (state, metrics)`; batch is
   the method's typed batch (e.g. methods.omniopd.OmniOPDBatch) of [B, ...] arrays, numpy rows of
-  this process or global arrays sharded over the batch axes. `teacher_params` is only used by
-  `opd` with the full-vocabulary estimator (same-tokenizer teacher in process), whose
-  architecture is `teacher_graphdef` (default: the student's).
+  this process or global arrays sharded over the batch axes. With `config.pack_sequences` a host
+  batch is first packed (methods/packing.py: rows end to end in `pack_tokens`-token rows, as many
+  micro-batches as they need, bucketed so a run compiles a few shapes); a PackedBatch is taken as
+  it is. `teacher_params` is only used by `opd` with the full-vocabulary estimator
+  (same-tokenizer teacher in process), whose architecture is `teacher_graphdef` (default: the
+  student's).
   """
   method = registry.get(config.method)
   tx = make_optimizer(config.optimizer, config.num_steps)
@@ -243,8 +274,13 @@ def make_update_fn(
   accumulate = make_accumulate_fn(grad_fn, micro)
 
   def update(state: TrainState, base_params, batch, teacher_params=None):
-    batch = method.prepare_batch(config, batch)  # the global batch, before any micro-split
-    (loss, aux), grads = accumulate(state.params, base_params, teacher_params, batch)
+    # The global batch, before any micro-split (a packed batch also gets its global totals).
+    if isinstance(batch, packing.PackedBatch):  # as many micro-batches as its rows need
+      batch = packing.with_totals(method.prepare_packed(config, batch))
+      accumulated = make_accumulate_fn(grad_fn, batch.micro_batches)
+    else:
+      batch, accumulated = method.prepare_batch(config, batch), accumulate
+    (loss, aux), grads = accumulated(state.params, base_params, teacher_params, batch)
     grad_norm = optax.global_norm(grads)
     # A non-finite loss leaves the state untouched, so the last good parameters survive. A cond
     # (not a select over two whole states) lets the optimizer write the new state in place.
@@ -281,10 +317,25 @@ def make_update_fn(
   shardings = state_shardings(abstract_state, mesh, rules)
   jitted = jax.jit(update_in_mesh, donate_argnums=0, out_shardings=(shardings, None))
 
+  pack = bool(config.get("pack_sequences", False))
+
   def call(state, base_params, batch, teacher_params=None):
+    packed = {}  # host metrics of the packing (this process's rows)
+    if pack and not isinstance(batch, packing.PackedBatch):  # this process's rows, end to end
+      if not _is_host(batch):
+        raise ValueError("pack_sequences=True packs on the host: pass the collected numpy batch")
+      padded = batch.seq.tokens.size
+      batch = packing.pack_for_update(config, method, batch, mesh, rules)
+      packed = {
+        "pack/rows": float(batch.tokens.shape[0]),
+        "pack/micro_batches": float(batch.micro_batches),
+        "pack/padding_frac": float(np.mean(batch.segment_ids == 0)),
+        "pack/tokens_vs_padded": batch.tokens.size / padded,  # update tokens, packed / padded
+      }
     if _is_host(batch):  # this process's rows -> one global batch (any number of processes)
       batch = jax.tree.map(lambda x: sharding.global_batch(x, mesh, rules), batch)
-    return jitted(state, base_params, batch, teacher_params)
+    state, metrics = jitted(state, base_params, batch, teacher_params)
+    return state, {**metrics, **packed}
 
   call.jitted = jitted
   call.shardings = shardings
