@@ -77,14 +77,16 @@ def test_scanned_layers_sample_the_same_rows(model):
   included, give the unrolled model's rows."""
   scanned = _model(scan_layers=True)
   assert scanned.config.scan_layers
-  # The arguments of test_refilled_slots_match_the_static_engine: the unrolled programs are reused.
-  kw = dict(max_new_tokens=14, temperature=1.0, eos_ids=EOS, seed=3, max_new_tokens_per_row=CAPS)
-  for options in ({"engine": "static"}, {"engine_options": SMALL}):
-    want = sampler.generate(model, PROMPTS, **options, **kw)
-    got = sampler.generate(scanned, PROMPTS, **options, **kw)
+  # The arguments of two tests above (their unrolled programs are reused); K=2 samples share pages.
+  static = dict(engine="static", max_new_tokens=14, temperature=1.0, eos_ids=EOS, seed=3,
+                max_new_tokens_per_row=CAPS)  # fmt: skip
+  paged = dict(max_new_tokens=10, temperature=1.0, eos_ids=EOS, seed=11, num_samples=2)
+  for kw in (static, paged):
+    want = sampler.generate(model, PROMPTS, **kw)
+    got = sampler.generate(scanned, PROMPTS, **kw)
     np.testing.assert_array_equal(got.tokens, want.tokens)
     np.testing.assert_array_equal(got.mask, want.mask)
-    np.testing.assert_allclose(got.logprobs, want.logprobs, atol=1e-5)
+    np.testing.assert_allclose(got.logprobs, want.logprobs, atol=1e-4)  # weights x 6
 
 
 def test_rows_do_not_depend_on_slot_batch_or_neighbours(model):
