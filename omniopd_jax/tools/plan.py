@@ -315,6 +315,16 @@ def compiled_update_memory(config, cfg: model.ModelConfig, mesh_sizes: dict[str,
   GPU/TPU host, or CPU with XLA_FLAGS=--xla_force_host_platform_device_count=N for small models.
   Returns argument / output / alias / temp bytes and XLA's peak (argument + output - alias + temp).
   """
+  ma = lower_update(config, cfg, mesh_sizes).compile().memory_analysis()
+  names = ("argument", "output", "alias", "temp")
+  out = {k: int(getattr(ma, f"{k}_size_in_bytes")) for k in names}
+  out["peak"] = out["argument"] + out["output"] - out["alias"] + out["temp"]
+  return out
+
+
+def lower_update(config, cfg: model.ModelConfig, mesh_sizes: dict[str, int]):
+  """The real jitted update step (train.step.make_update_fn) lowered from abstract inputs (a
+  jax.stages.Lowered; nothing allocated), with config.model.scan_layers' parameter layout."""
   n = math.prod(mesh_sizes.values())
   if jax.device_count() < n:
     raise ValueError(
@@ -346,12 +356,7 @@ def compiled_update_memory(config, cfg: model.ModelConfig, mesh_sizes: dict[str,
     ),
     update_batch_shapes(config),
   )
-  compiled = update.jitted.lower(placed(state, update.shardings), base, batch).compile()
-  ma = compiled.memory_analysis()
-  names = ("argument", "output", "alias", "temp")
-  out = {k: int(getattr(ma, f"{k}_size_in_bytes")) for k in names}
-  out["peak"] = out["argument"] + out["output"] - out["alias"] + out["temp"]
-  return out
+  return update.jitted.lower(placed(state, update.shardings), base, batch)
 
 
 def _gib(x: int) -> str:
