@@ -35,7 +35,7 @@ import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from omniopd_jax.configs import math as math_config  # noqa: E402
-from omniopd_jax.models import hf, lm  # noqa: E402
+from omniopd_jax.models import hf, layer_scan, lm  # noqa: E402
 from omniopd_jax.rollout import continuous, paged_cache, sampler  # noqa: E402
 from omniopd_jax.tools import plan as planner  # noqa: E402
 
@@ -104,7 +104,7 @@ def main():
   parser.add_argument("--batch", type=int, default=2)
   parser.add_argument("--prompt", type=int, default=64)
   parser.add_argument("--response", type=int, default=192)
-  parser.add_argument("--remat", default="full", choices=lm.REMAT_POLICIES)
+  parser.add_argument("--remat", default="full", choices=layer_scan.REMAT_POLICIES)
   parser.add_argument("--programs", default=",".join(PROGRAMS), help="comma-separated subset")
   args = parser.parse_args()
   programs = [p for p in args.programs.split(",") if p]

@@ -15,7 +15,7 @@ from omniopd_jax.configs import validate
 from omniopd_jax.data import prompts as data
 from omniopd_jax.experiments import compare
 from omniopd_jax.methods import losses, registry, sft
-from omniopd_jax.models import hf, lm
+from omniopd_jax.models import hf, layer_scan
 from omniopd_jax.reward import posterior, similarity
 from omniopd_jax.rollout import forks
 from omniopd_jax.teacher import backends
@@ -68,7 +68,7 @@ def test_compare_runs_validate(quick):
     ("opd__estimator", ("sampled", "full_vocab")),
     ("model__dtype", tuple(hf.DTYPES)),
     ("model__base_dtype", tuple(hf.DTYPES)),
-    ("model__remat", (*lm.REMAT_POLICIES, True, False)),  # booleans: "full" and "none"
+    ("model__remat", (*layer_scan.REMAT_POLICIES, True, False)),  # booleans: "full" and "none"
     ("model__scan_layers", (True, False)),
     ("data__source", data.SOURCES),
   ],

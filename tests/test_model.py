@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from omniopd_jax.models import layer_scan
 from omniopd_jax.models import lm as model_lib
 
 TINY = dict(
@@ -192,7 +193,7 @@ def test_remat_policies_keep_values_and_save_what_they_say(scan_layers):
   graphdef, params = nnx.split(model, nnx.Param)
   ids = jnp.asarray(np.random.RandomState(6).randint(0, 64, size=(2, 11)))
   saved, results = {}, {}
-  for remat in (*model_lib.REMAT_POLICIES, True):
+  for remat in (*layer_scan.REMAT_POLICIES, True):
     f = lambda p, r=remat: jnp.sin(nnx.merge(graphdef, p).hidden_states(ids, remat=r)).sum()
     vjp = jax.eval_shape(lambda p, f=f: jax.vjp(f, p)[1], params)
     saved[remat] = sum(x.size for x in jax.tree.leaves(vjp))  # residuals (parameters included)
@@ -212,7 +213,7 @@ def test_remat_policies_keep_values_and_save_what_they_say(scan_layers):
 def test_scanned_kv_cache_decode_equals_unrolled():
   unrolled, scanned = _unrolled_and_scanned("qwen3", SCAN_CASES[2][1])
   cache = scanned.init_cache(2, 8)
-  assert isinstance(cache, model_lib.StackedKVCache) and cache.k.shape[:2] == (3, 2)
+  assert isinstance(cache, layer_scan.StackedKVCache) and cache.k.shape[:2] == (3, 2)
   ids = jnp.asarray(np.random.RandomState(7).randint(0, 64, size=(2, 6)))
   slot_mask = jnp.asarray(np.arange(8)[None] < 5).repeat(2, 0)
   positions = jnp.broadcast_to(jnp.arange(5), (2, 5))

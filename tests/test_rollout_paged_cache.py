@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from omniopd_jax.models import lm
+from omniopd_jax.models import layer_scan, lm
 from omniopd_jax.rollout import continuous, paged_cache, sampler
 
 S, H, KV, D, PS, NP, W = 3, 4, 2, 16, 4, 16, 4
@@ -125,7 +125,7 @@ def test_stacked_write_prompt_pages_equals_per_layer():
   )  # fmt: skip
   stacked = paged_cache.write_prompt_pages(
     paged_cache.init_pages(n_layers, KV, D, NP, PS, jnp.float32, stacked=True),
-    lm.StackedKVCache(jnp.asarray(dense_k), jnp.asarray(dense_v)), prompt_len, page_ids,
+    layer_scan.StackedKVCache(jnp.asarray(dense_k), jnp.asarray(dense_v)), prompt_len, page_ids,
   )  # fmt: skip
   assert isinstance(stacked, tuple) and stacked[0].shape == (KV, n_layers, NP, PS, D)
   for i, (k_pages, v_pages) in enumerate(per_layer):

@@ -56,7 +56,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # Build the student/teacher pair in <workdir>/models (experiments.demo_models) instead of
   # loading student_path: "" no | "tiny" random models (:smoke) | "trained" the demo pair (:demo).
   c.model.build_demo_models = ""
-  # What each layer saves for the backward pass (models/lm.REMAT_POLICIES): none (everything) |
+  # What each layer saves for the backward pass (models/layer_scan.py): none (everything) |
   # full (only its input; fits paper scale, see tools.plan) | dots (the weight matmuls' outputs)
   # | dots_except_mlp (only the attention projections'). Booleans too: True = full, False = none.
   c.model.remat = ml_collections.FieldReference("none", field_type=object)

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
+from omniopd_jax.models import layer_scan
 from omniopd_jax.ops import attention as attention_ops
 from omniopd_jax.ops import token_chunks
 
@@ -23,13 +24,6 @@ ROPE_TYPES = ("default", "linear", "llama3")
 K_CACHE_AXES = ("batch", "kv_heads", "head_dim", None)
 V_CACHE_AXES = ("batch", "kv_heads", None, "head_dim")
 ARCHITECTURES = ("llama", "qwen2", "qwen3")
-# What a layer keeps for its backward pass (config model.remat; True = "full", False = "none"):
-# none: everything (no recompute); full: only the layer's input; dots: the weight matmuls' outputs
-# (dots without batch dimensions: the attention einsums, [T, T] scores included, are recomputed);
-# dots_except_mlp: only the attention projections (q, k, v, o), the MLP's are recomputed.
-REMAT_POLICIES = ("none", "full", "dots", "dots_except_mlp")
-ATTENTION_PROJECTIONS = ("query_proj", "key_proj", "value_proj", "out_proj")  # checkpoint names
-LAYERS_AXIS = "layers"  # logical axis of stacked layer parameters (scan_layers; never sharded)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,61 +88,6 @@ class SegmentMask:
 
   segment_ids: jax.Array  # [B, T] int32
   implementation: str = flax.struct.field(pytree_node=False, default="blockwise")
-
-
-@flax.struct.dataclass
-class StackedKVCache:
-  """Every layer's dense KV cache in one pair of arrays (scan_layers): keys [L, B, KV, D, S],
-  values [L, B, KV, S, D]. Inside the layer scan it rides in the carry with `layer` set to the
-  running layer, which writes its new keys in place and reads its own slice: no step copies it.
-  """
-
-  k: jax.Array  # [L, B, KV, D, S]
-  v: jax.Array  # [L, B, KV, S, D]
-  layer: jax.Array | None = None  # int32 scalar inside the scan
-
-  @property
-  def num_slots(self) -> int:
-    return self.v.shape[3]
-
-  def write(self, k, v, cache_index):
-    """k, v [B, T, KV, D] at slots cache_index.. of this layer -> (cache, keys [B, KV, D, S],
-    values [B, KV, S, D] of this layer)."""
-    i, at, zero = (jnp.asarray(n, jnp.int32) for n in (self.layer, cache_index, 0))
-    new_k = k.transpose(0, 2, 3, 1)[None].astype(self.k.dtype)  # [1, B, KV, D, T]
-    new_v = v.transpose(0, 2, 1, 3)[None].astype(self.v.dtype)  # [1, B, KV, T, D]
-    keys = jax.lax.dynamic_update_slice(self.k, new_k, (i, zero, zero, zero, at))
-    values = jax.lax.dynamic_update_slice(self.v, new_v, (i, zero, zero, at, zero))
-    layer = lambda a: jax.lax.dynamic_index_in_dim(a, i, 0, keepdims=False)
-    return self.replace(k=keys, v=values), layer(keys), layer(values)
-
-
-def map_cache(cache, fn):
-  """`fn(k [B, KV, D, S], v [B, KV, S, D]) -> (k, v)` applied to every layer of a dense cache
-  (a per-layer list, or a StackedKVCache through vmap over its layer axis)."""
-  if isinstance(cache, StackedKVCache):
-    k, v = jax.vmap(fn)(cache.k, cache.v)
-    return cache.replace(k=k, v=v)
-  return [fn(k, v) for k, v in cache]
-
-
-def remat_policy(remat) -> str:
-  """config model.remat (a policy name, or a bool: True = "full", False = "none") -> policy name."""
-  if isinstance(remat, bool) or remat is None:
-    return "full" if remat else "none"
-  if remat not in REMAT_POLICIES:
-    raise ValueError(f"remat={remat!r}: choose from {REMAT_POLICIES} (or a bool)")
-  return remat
-
-
-def checkpoint_policy(remat):
-  """The jax.checkpoint policy of a remat policy name (None: save nothing but the inputs)."""
-  name = remat_policy(remat)
-  if name == "dots":
-    return jax.checkpoint_policies.dots_with_no_batch_dims_saveable
-  if name == "dots_except_mlp":
-    return jax.checkpoint_policies.save_only_these_names(*ATTENTION_PROJECTIONS)
-  return None
 
 
 def _param(rngs, init, shape, axes, dtype):
@@ -247,9 +186,10 @@ class Attention(nnx.Module):
   def __call__(self, x, positions, inv_freq, mask, cache=None, cache_index=None):
     """x: [B, T, E]; mask: [B, T, S] bool over the key slots, or a SegmentMask (no cache) for a
     fused attention; cache: (k, v) or None (init_cache)."""
+    names = layer_scan.ATTENTION_PROJECTIONS  # what remat "dots_except_mlp" saves
     q, k, v = (
       checkpoint_name(proj(x), name)
-      for proj, name in zip((self.q_proj, self.k_proj, self.v_proj), ATTENTION_PROJECTIONS)
+      for proj, name in zip((self.q_proj, self.k_proj, self.v_proj), names)
     )  # [B, T, H|KV, D]
     if self.q_norm is not None:
       q, k = self.q_norm(q), self.k_norm(k)
@@ -263,7 +203,7 @@ class Attention(nnx.Module):
       )  # [B, T, H, D]
       return self._out(out), cache
     keys = values = "bskd"  # einsum layouts of k and v: as projected, or as cached
-    if isinstance(cache, StackedKVCache):  # a scanned layer: its own slice of every layer's cache
+    if isinstance(cache, layer_scan.StackedKVCache):  # scanned: this layer's slice of them all
       cache, k, v = cache.write(k, v, cache_index)
       k, v = k.astype(x.dtype), v.astype(x.dtype)
       keys, values = "bkds", "bksd"
@@ -289,7 +229,7 @@ class Attention(nnx.Module):
     return self._out(out), cache
 
   def _out(self, out):
-    return checkpoint_name(self.o_proj(out), ATTENTION_PROJECTIONS[3])
+    return checkpoint_name(self.o_proj(out), layer_scan.ATTENTION_PROJECTIONS[3])
 
   def _attend_one(self, q, k, v, mask):
     """One query token (decode): q [B, 1, H, D], k [B, KV, D, S], v [B, KV, S, D] -> [B, 1, H, D]."""
@@ -357,7 +297,7 @@ class CausalLM(nnx.Module):
     ]
     # scan_layers: one layer holding every layer's parameters stacked [L, ...] (built from the
     # same per-layer draws, so a seed gives the same weights either way).
-    self.layers = stack_layers(layers) if cfg.scan_layers else nnx.List(layers)
+    self.layers = layer_scan.stack_layers(layers) if cfg.scan_layers else nnx.List(layers)
     self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=param_dtype)
     head_shape = (cfg.hidden_size, cfg.vocab_size)
     self.lm_head = (
@@ -368,14 +308,16 @@ class CausalLM(nnx.Module):
 
   def init_cache(self, batch_size: int, max_len: int, dtype=None):
     """An empty KV cache: per layer keys [B, KV, D, S] and values [B, KV, S, D] (a list of
-    pairs), or with scan_layers a StackedKVCache of [L, ...] arrays."""
+    pairs), or with scan_layers a StackedKVCache of [L, ...] arrays (models/layer_scan.py)."""
     cfg = self.config
     k_shape = (batch_size, cfg.num_key_value_heads, cfg.dim_per_head, max_len)
     v_shape = (batch_size, cfg.num_key_value_heads, max_len, cfg.dim_per_head)
     dtype = dtype or self.dtype
     if cfg.scan_layers:
       n = cfg.num_hidden_layers
-      return StackedKVCache(jnp.zeros((n, *k_shape), dtype), jnp.zeros((n, *v_shape), dtype))
+      return layer_scan.StackedKVCache(
+        jnp.zeros((n, *k_shape), dtype), jnp.zeros((n, *v_shape), dtype)
+      )
     return [(jnp.zeros(k_shape, dtype), jnp.zeros(v_shape, dtype)) for _ in self.layers]
 
   def hidden_states(
@@ -399,8 +341,8 @@ class CausalLM(nnx.Module):
     `mlp_chunk` > 0 (no cache): each layer's MLP runs over sequence chunks of that many tokens,
     rematerialised, so its [T, intermediate] activations are never all live (same values).
 
-    `remat` (no cache): what each layer saves for the backward pass, a REMAT_POLICIES name or a
-    bool (True = "full": only the layer's input, the rest recomputed; ~1/3 more compute).
+    `remat` (no cache): what each layer saves for the backward pass, a REMAT_POLICIES name
+    (models/layer_scan.py) or a bool (True = "full": only the layer's input, the rest recomputed; ~1/3 more compute).
     """
     constrain = constrain or (lambda x: x)
     b, t = input_ids.shape
@@ -422,7 +364,7 @@ class CausalLM(nnx.Module):
     x = constrain(jnp.take(self.embed_tokens[...], input_ids, axis=0).astype(self.dtype))
     # remat: keep less than every activation for the backward pass and recompute the rest ("full":
     # training memory drops from O(layers x activations) to O(layers x hidden)).
-    policy = remat_policy(remat) if cache is None else "none"
+    policy = layer_scan.remat_policy(remat) if cache is None else "none"
     args = (positions, inv_freq, mask, cache, cache_index, policy, constrain, mlp_chunk)
     run = self._scanned_layers if self.config.scan_layers else self._unrolled_layers
     x, cache = run(x, *args)
@@ -436,7 +378,7 @@ class CausalLM(nnx.Module):
       return layer(x, positions, inv_freq, mask, cache, cache_index, mlp_chunk)
 
     if policy != "none":
-      call = nnx.remat(call, policy=checkpoint_policy(policy))
+      call = nnx.remat(call, policy=layer_scan.checkpoint_policy(policy))
     new_cache = []
     for i, layer in enumerate(self.layers):
       x, layer_cache = call(
@@ -465,7 +407,7 @@ class CausalLM(nnx.Module):
       return (constrain(x), layer_cache), None
 
     if policy != "none":
-      body = jax.checkpoint(body, policy=checkpoint_policy(policy), prevent_cse=False)
+      body = jax.checkpoint(body, policy=layer_scan.checkpoint_policy(policy), prevent_cse=False)
     if cache is not None:  # the carry's structure must not change: a layer index from the start
       cache = cache.replace(layer=jnp.int32(0))
     layer_ids = jnp.arange(self.config.num_hidden_layers, dtype=jnp.int32)
@@ -488,23 +430,9 @@ class CausalLM(nnx.Module):
     return self.logits(out[0]), out[1]
 
 
-def stack_layers(layers: list) -> nnx.Module:
-  """One module like layers[0] whose parameters are the layers' stacked on a new leading axis
-  (logical axis LAYERS_AXIS)."""
-  graphdef, state = nnx.split(layers[0])
-  states = [nnx.state(layer) for layer in layers]
-  stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *states)
-  stacked = jax.tree.map(
-    lambda v: v.replace(logical_axes=(LAYERS_AXIS, *v.get_metadata()["logical_axes"])),
-    stacked,
-    is_leaf=lambda v: isinstance(v, nnx.Variable),
-  )
-  return nnx.merge(graphdef, stacked)
-
-
 def _num_slots(cache) -> int:
   """Key slots S of a dense cache (a per-layer list or a StackedKVCache)."""
-  return cache.num_slots if isinstance(cache, StackedKVCache) else cache[0][1].shape[2]
+  return cache.num_slots if isinstance(cache, layer_scan.StackedKVCache) else cache[0][1].shape[2]
 
 
 def _no_cache_mask(attention_mask, segment_ids, attention: str):

@@ -200,7 +200,7 @@ def write_prompt_pages(pages, dense_cache, prompt_len, page_ids):
   v [A, KV, P, D]) as `CausalLM.init_cache` lays them out; prompt_len [A] int32; page_ids
   [A, NPP] int32, the pages of each prompt row (0 where a row needs fewer). A row's samples may
   list the same full pages: they receive identical values. Stacked pages (k_pages, v_pages)
-  [KV, L, NP, ps, D] take a models.lm.StackedKVCache (k [L, A, KV, D, P]), every layer at once.
+  [KV, L, NP, ps, D] take a models.layer_scan.StackedKVCache (k [L, A, KV, D, P]), every layer at once.
   """
   a, npp = page_ids.shape
   stacked = isinstance(pages, tuple)

@@ -28,7 +28,7 @@ from ml_collections import config_flags
 
 from omniopd_jax import sharding
 from omniopd_jax.methods import registry
-from omniopd_jax.models import hf
+from omniopd_jax.models import hf, layer_scan
 from omniopd_jax.models import lm as model
 from omniopd_jax.ops import attention as attention_ops
 from omniopd_jax.ops import vocab_tiling
@@ -152,10 +152,10 @@ def _per_device(n: int, axes, mesh) -> int:
 def plan(config, cfg: model.ModelConfig, mesh_sizes: dict[str, int], remat: bool = False) -> Plan:
   """The per-device memory plan of `config` for architecture `cfg` on a mesh of `mesh_sizes`.
 
-  `remat` (True: "full"; else config.model.remat, a models.lm.REMAT_POLICIES name or a bool)
+  `remat` (True: "full"; else config.model.remat, a models.layer_scan.REMAT_POLICIES name or a bool)
   counts activations as that per-layer rematerialisation saves them.
   """
-  policy = model.remat_policy(True if remat else config.model.get("remat", False))
+  policy = layer_scan.remat_policy(True if remat else config.model.get("remat", False))
   remat = policy != "none"
   mesh = abstract_mesh(mesh_sizes)
   rules = _rules(config)
