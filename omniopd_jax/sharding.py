@@ -24,6 +24,7 @@ DEFAULT_RULES = (
   ("kv_heads", "tensor"),
   ("head_dim", None),
   ("norm", None),
+  ("layers", None),  # the stacked layer axis of scan_layers: every device holds every layer
 )
 
 

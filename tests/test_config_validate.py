@@ -15,7 +15,7 @@ from omniopd_jax.configs import validate
 from omniopd_jax.data import prompts as data
 from omniopd_jax.experiments import compare
 from omniopd_jax.methods import losses, registry, sft
-from omniopd_jax.models import hf
+from omniopd_jax.models import hf, layer_scan
 from omniopd_jax.reward import posterior, similarity
 from omniopd_jax.rollout import forks
 from omniopd_jax.teacher import backends
@@ -68,6 +68,8 @@ def test_compare_runs_validate(quick):
     ("opd__estimator", ("sampled", "full_vocab")),
     ("model__dtype", tuple(hf.DTYPES)),
     ("model__base_dtype", tuple(hf.DTYPES)),
+    ("model__remat", (*layer_scan.REMAT_POLICIES, True, False)),  # booleans: "full" and "none"
+    ("model__scan_layers", (True, False)),
     ("data__source", data.SOURCES),
   ],
 )
@@ -97,6 +99,8 @@ def test_every_allowed_value_passes(key, allowed):
     ("model__dtype", "bf16", "model.dtype='bf16' is not one of ('float32', 'bfloat16', "
      "'float16'); did you mean 'bfloat16'?"),
     ("model__param_dtype", "float", "model.param_dtype='float'"),
+    ("model__remat", "dot", "model.remat='dot' is not one of ('none', 'full', 'dots', "
+     "'dots_except_mlp'); did you mean 'dots'?"),
     ("sft__target", "gold", "sft.target='gold' is not one of ('answer', 'worked')"),
     ("teacher__max_failed_fraction", 1.5, "teacher.max_failed_fraction=1.5"),
     ("data__source", "jsonlines", "did you mean 'jsonl'"),

@@ -116,6 +116,31 @@ def test_logits_match_transformers_and_round_trip(case, tmp_path):
   assert np.abs(torch_logits(reloaded, ids, mask, positions) - ref)[mask].max() < 1e-5
 
 
+@pytest.mark.parametrize("case", ["llama_default_tied", "qwen3_qknorm_head_dim", "qwen2_bias_gqa3"])
+def test_scanned_layers_load_and_save_per_layer_tensors(case, tmp_path):
+  """scan_layers=True: model.layers.{i}.* stack into [L, ...] parameters and save back per layer."""
+  ref_model = make_hf_model(case, tmp_path / "hf")
+  ids, mask, positions = padded_batch(ref_model.config.vocab_size)
+  ref = torch_logits(ref_model, ids, mask, positions)
+  unrolled = hf.load_model(str(tmp_path / "hf"))
+  model = hf.load_model(str(tmp_path / "hf"), scan_layers=True)
+  assert model.config.scan_layers
+  stacked = model.layers.mlp.down_proj.kernel[...]  # [L, F, E]
+  assert stacked.shape[0] == ref_model.config.num_hidden_layers
+  for i, layer in enumerate(unrolled.layers):
+    np.testing.assert_array_equal(stacked[i], layer.mlp.down_proj.kernel[...])
+  ours = np.asarray(model(jnp.asarray(ids), attention_mask=jnp.asarray(mask)))
+  assert np.abs(ours - ref)[mask].max() < 1e-4
+
+  hf.save_pretrained(model, None, str(tmp_path / "ours"))
+  reloaded = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "ours")).eval()
+  assert np.abs(torch_logits(reloaded, ids, mask, positions) - ref)[mask].max() < 1e-5
+  again = hf.load_model(str(tmp_path / "ours"), scan_layers=True)
+  np.testing.assert_array_equal(
+    np.asarray(again(jnp.asarray(ids), attention_mask=jnp.asarray(mask))), ours
+  )
+
+
 def test_bfloat16_params_and_compute(tmp_path):
   ref_model = make_hf_model("qwen3_qknorm_head_dim", tmp_path / "hf")
   ids, mask, positions = padded_batch(ref_model.config.vocab_size)

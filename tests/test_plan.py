@@ -107,6 +107,12 @@ def test_options_change_the_right_lines():
   remat = plan.plan(small_config(), small_model(), mesh, remat=True)
   # Layer inputs (2 layers x 2 rows x 95 tokens x 64 x float32) + one of the 2 layers' full set.
   assert remat["activations"] == 2 * 2 * 95 * 64 * 4 + base["activations"] // 2
+  # Policies save the layer input plus q (4 heads x 16, unsharded) k, v (2 x 16 each), o (64) and,
+  # for "dots", the MLP's gate, up (128 each) and down (64) outputs too.
+  for policy, extra in (("full", 0), ("dots_except_mlp", 64 + 32 + 32 + 64),
+                        ("dots", 64 + 32 + 32 + 64 + 128 + 128 + 64)):  # fmt: skip
+    p = plan.plan(small_config(**{"model.remat": policy}), small_model(), mesh)
+    assert p["activations"] == 2 * 2 * 95 * (64 + extra) * 4 + base["activations"] // 2, policy
   sft = plan.plan(small_config(method="sft"), small_model(), mesh)
   assert sft["kv_cache"] == 0 and sft["kv_cache_eval"] == base["kv_cache_eval"]
   group = plan.plan(small_config(**{"omniopd.weight_form": "group"}), small_model(), mesh)

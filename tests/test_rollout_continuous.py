@@ -16,17 +16,21 @@ VOCAB = 64
 EOS = [2, 3, 4, 5, 6]  # several, so that sampled rows end early too
 
 
-@pytest.fixture(scope="module")
-def model():
+def _model(scan_layers=False):
   cfg = lm.ModelConfig(
     vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
     num_attention_heads=4, num_key_value_heads=2, head_dim=16, architecture="qwen3",
-    qk_norm=True, rope_theta=10000.0,
+    qk_norm=True, rope_theta=10000.0, scan_layers=scan_layers,
   )  # fmt: skip
   model = lm.CausalLM(cfg, rngs=nnx.Rngs(0))
   # Wider weights than the default init: peaked distributions, so EOS ends some rows early.
   graphdef, state = nnx.split(model)
   return nnx.merge(graphdef, nnx.map_state(lambda _, x: x * 6.0, state))
+
+
+@pytest.fixture(scope="module")
+def model():
+  return _model()
 
 
 def _prompts(seed, lengths):
@@ -70,6 +74,23 @@ def test_refilled_slots_match_the_static_engine(model, temperature):
   np.testing.assert_allclose(ours.logprobs, lp, atol=1e-4)
   np.testing.assert_allclose(ours.entropy, ent, atol=1e-4)
   assert (ours.tokens[~ours.mask] == 0).all() and (ours.logprobs[~ours.mask] == 0).all()
+
+
+def test_scanned_layers_sample_the_same_rows(model):
+  """scan_layers=True (same weights, stacked): both engines, their stacked dense and paged caches
+  included, give the unrolled model's rows."""
+  scanned = _model(scan_layers=True)
+  assert scanned.config.scan_layers
+  # The arguments of two tests above (their unrolled programs are reused); K=2 samples share pages.
+  static = dict(engine="static", max_new_tokens=14, temperature=1.0, eos_ids=EOS, seed=3,
+                max_new_tokens_per_row=CAPS)  # fmt: skip
+  paged = dict(max_new_tokens=10, temperature=1.0, eos_ids=EOS, seed=11, num_samples=2)
+  for kw in (static, paged):
+    want = sampler.generate(model, PROMPTS, **kw)
+    got = sampler.generate(scanned, PROMPTS, **kw)
+    np.testing.assert_array_equal(got.tokens, want.tokens)
+    np.testing.assert_array_equal(got.mask, want.mask)
+    np.testing.assert_allclose(got.logprobs, want.logprobs, atol=1e-4)  # weights x 6
 
 
 def test_rows_do_not_depend_on_slot_batch_or_neighbours(model):

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from omniopd_jax.models import lm
+from omniopd_jax.models import layer_scan, lm
 from omniopd_jax.rollout import continuous, paged_cache, sampler
 
 S, H, KV, D, PS, NP, W = 3, 4, 2, 16, 4, 16, 4
@@ -86,6 +86,51 @@ def test_write_prompt_pages_left_aligns_a_left_padded_prefill():
       page, off = page_ids[row, t // PS], t % PS
       np.testing.assert_array_equal(k_pages[:, page, off], dense_k[row, :, :, src])
       np.testing.assert_array_equal(v_pages[:, page, off], dense_v[row, :, src])
+
+
+@pytest.mark.parametrize("impl", ["xla", "pallas_gpu"])
+def test_stacked_pages_write_and_attend_like_that_layers_own_pages(impl):
+  """scan_layers: pages [KV, L, NP, ps, D] with `layer` set equal that layer's [KV, NP, ps, D]
+  cache, and the write lands in that layer only."""
+  layers = [_random_cache(seed, lengths=(5, 15, 0)) for seed in (5, 6, 7)]
+  q, _, _, table, lengths = layers[1]
+  k_all = np.stack([k for _, k, _, _, _ in layers], axis=1)  # [KV, L, NP, ps, D]
+  v_all = np.stack([v for _, _, v, _, _ in layers], axis=1)
+  new_k, new_v = np.random.default_rng(8).normal(size=(2, S, 1, KV, D)).astype(np.float32)
+  kw = dict(impl=impl, interpret=impl != "xla")
+  own = paged_cache.PagedKVCache(
+    *map(jnp.asarray, (k_all[:, 1], v_all[:, 1], table, lengths)), **kw
+  )
+  stacked = paged_cache.PagedKVCache(
+    *map(jnp.asarray, (k_all, v_all, table, lengths)), **kw, layer=jnp.int32(1)
+  )
+  want, own = own.write_and_attend(jnp.asarray(q[:, None]), new_k, new_v, scale=0.5)
+  got, stacked = stacked.write_and_attend(jnp.asarray(q[:, None]), new_k, new_v, scale=0.5)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-6)
+  np.testing.assert_array_equal(np.asarray(stacked.k_pages)[:, 1], np.asarray(own.k_pages))
+  np.testing.assert_array_equal(np.asarray(stacked.v_pages)[:, 1], np.asarray(own.v_pages))
+  for other in (0, 2):  # untouched
+    np.testing.assert_array_equal(np.asarray(stacked.k_pages)[:, other], k_all[:, other])
+
+
+def test_stacked_write_prompt_pages_equals_per_layer():
+  rng = np.random.default_rng(9)
+  n_layers, a, p = 3, 2, 6
+  dense_k = rng.normal(size=(n_layers, a, KV, D, p)).astype(np.float32)
+  dense_v = rng.normal(size=(n_layers, a, KV, p, D)).astype(np.float32)
+  prompt_len, page_ids = jnp.asarray([6, 3], jnp.int32), np.asarray([[3, 7], [5, 0]], np.int32)
+  per_layer = paged_cache.write_prompt_pages(
+    paged_cache.init_pages(n_layers, KV, D, NP, PS, jnp.float32),
+    [(jnp.asarray(k), jnp.asarray(v)) for k, v in zip(dense_k, dense_v)], prompt_len, page_ids,
+  )  # fmt: skip
+  stacked = paged_cache.write_prompt_pages(
+    paged_cache.init_pages(n_layers, KV, D, NP, PS, jnp.float32, stacked=True),
+    layer_scan.StackedKVCache(jnp.asarray(dense_k), jnp.asarray(dense_v)), prompt_len, page_ids,
+  )  # fmt: skip
+  assert isinstance(stacked, tuple) and stacked[0].shape == (KV, n_layers, NP, PS, D)
+  for i, (k_pages, v_pages) in enumerate(per_layer):
+    np.testing.assert_array_equal(np.asarray(stacked[0])[:, i], np.asarray(k_pages))
+    np.testing.assert_array_equal(np.asarray(stacked[1])[:, i], np.asarray(v_pages))
 
 
 def test_page_pool_counts_references():

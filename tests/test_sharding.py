@@ -48,7 +48,7 @@ def _assert_split(model, mesh):
     shards = x.addressable_shards
     assert len(shards) == 8 and all(s.data.size < x.size for s in shards), (path, x.sharding)
     checked += 1
-  assert checked >= 2 + CFG.num_hidden_layers * 7
+  assert checked >= 2 + (1 if model.config.scan_layers else CFG.num_hidden_layers) * 7
 
 
 def test_create_sharded_splits_every_large_parameter(mesh, single):
@@ -108,6 +108,22 @@ def test_generate_fn_keeps_rows_sharded(mesh, single):
   out = fn(state, sharding.global_batch(tokens, mesh), sharding.global_batch(mask, mesh), 0)
   assert out["tokens"].sharding.spec[0] == ("data", "fsdp")
   assert out["tokens"].shape == (8, 4)
+
+
+def test_scanned_model_loads_sharded_and_samples_like_one_device(mesh, single, tmp_path):
+  """scan_layers: stacked [L, ...] parameters load split over the mesh (the layer axis whole), and
+  the sharded sampler's stacked KV cache gives the unrolled single-device rows."""
+  hf.save_pretrained(single, None, str(tmp_path))
+  scanned, _ = hf.load_pretrained(str(tmp_path), mesh=mesh, scan_layers=True)
+  _assert_split(scanned, mesh)
+  assert scanned.layers.mlp.up_proj.kernel[...].sharding.spec == P(None, "fsdp", "tensor")
+  rng = np.random.default_rng(1)
+  prompts = [rng.integers(3, CFG.vocab_size, n).tolist() for n in (4, 9, 2)]
+  kw = dict(max_new_tokens=8, temperature=1.0, top_k=20, seed=3, eos_ids=[2])
+  got = sampler.generate(scanned, prompts, mesh=mesh, **kw)
+  want = sampler.generate(single, prompts, **kw)  # test_sharded_sampler_matches_one_device's
+  np.testing.assert_array_equal(got.tokens, want.tokens)
+  np.testing.assert_allclose(got.logprobs, want.logprobs, atol=1e-5)
 
 
 def test_logical_to_spec_rules(mesh):

@@ -16,7 +16,7 @@ from typing import Any
 from omniopd_jax import sharding
 from omniopd_jax.data import prompts as data
 from omniopd_jax.methods import losses, registry, sft
-from omniopd_jax.models import hf
+from omniopd_jax.models import hf, layer_scan
 from omniopd_jax.ops import attention
 from omniopd_jax.reward import posterior, similarity
 from omniopd_jax.rollout import decode_sharding, forks, paged_cache, sampler
@@ -158,6 +158,13 @@ def _check_model_and_rollout(c: _Checker):
   c.choice("model.attention", attention.IMPLEMENTATIONS)
   c.int_at_least("model.head_vocab_tile", 0, " (0: the default tile)")
   c.int_at_least("model.mlp_chunk", 0, " (0: the whole sequence at once)")
+  remat = c.value("model.remat")
+  if remat is not _MISSING and not isinstance(remat, bool):
+    c.choice("model.remat", layer_scan.REMAT_POLICIES)
+  scan = c.value("model.scan_layers")
+  c.require(
+    scan is _MISSING or isinstance(scan, bool), f"model.scan_layers={scan!r} must be a bool"
+  )
   c.int_at_least("rollout.max_new_tokens", 1)
   c.number("rollout.temperature", lambda v: v >= 0, ">= 0 (0 means greedy)")
   c.fraction("rollout.top_p", low_open=True)

@@ -6,6 +6,7 @@ logits = model(input_ids, attention_mask=attention_mask)  # [B, T, V] float32
 hf.save_pretrained(model, tokenizer, "out_dir")            # transformers loads it back
 """
 
+import dataclasses
 import json
 import os
 from typing import Any
@@ -186,14 +187,34 @@ def read_hf_config(path: str) -> dict[str, Any]:
     return json.load(f)
 
 
+def _tensor_groups(cfg: model_lib.ModelConfig):
+  """(our state path, [(HF name, to_ours, to_hf)], stacked) for every parameter of our model.
+
+  Unrolled, each parameter is one HF tensor. With scan_layers, a layer parameter at
+  ("layers", ...) holds the L tensors `model.layers.{i}.*` stacked on its leading axis, in order.
+  """
+  names = _hf_names(cfg)
+  if not cfg.scan_layers:
+    return [(ours, [(hf_name, a, b)], False) for ours, hf_name, a, b in names]
+  groups: dict[tuple, list] = {}
+  for ours, hf_name, a, b in names:
+    key = ("layers", *ours[2:]) if ours[0] == "layers" else ours  # drop the layer index
+    groups.setdefault(key, []).append((hf_name, a, b))
+  return [(ours, group, ours[0] == "layers") for ours, group in groups.items()]
+
+
 def load_model(
-  path: str, dtype="float32", param_dtype=None, mesh=None, rules=sharding.DEFAULT_RULES
-):
-  """Load only the model from an HF directory; parameters go straight to their mesh shardings."""
+  path: str, dtype="float32", param_dtype=None, mesh=None, rules=sharding.DEFAULT_RULES,
+  scan_layers: bool = False,
+):  # fmt: skip
+  """Load only the model from an HF directory; parameters go straight to their mesh shardings.
+
+  scan_layers: build the scanned model (ModelConfig.scan_layers), its per-layer tensors stacked.
+  """
   dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
   param_dtype = DTYPES[param_dtype] if isinstance(param_dtype, str) else (param_dtype or dtype)
   hf_config = read_hf_config(path)
-  cfg = config_from_hf(hf_config)
+  cfg = dataclasses.replace(config_from_hf(hf_config), scan_layers=bool(scan_layers))
   abstract = model_lib.abstract_model(cfg, dtype, param_dtype)
   graphdef, state = nnx.split(abstract)
   flat = dict(nnx.to_flat_state(state))
@@ -206,12 +227,18 @@ def load_model(
   if missing:
     raise ValueError(f"{path}: checkpoint lacks {len(missing)} tensors, e.g. {missing[:3]}")
   handles = {}
-  for ours, hf_name, to_ours, _ in _hf_names(cfg):
+
+  def read(hf_name, to_ours):
     file, key = tensors[hf_name]
     if file not in handles:
       handles[file] = safe_open(file, framework="numpy")
-    value = to_ours(handles[file].get_tensor(key)).astype(param_dtype)
-    variable = flat[ours]
+    return to_ours(handles[file].get_tensor(key)).astype(param_dtype)
+
+  # One parameter at a time (all L layers of it when stacked): host memory holds one, not all.
+  for ours, group, stacked in _tensor_groups(cfg):
+    values = [read(hf_name, to_ours) for hf_name, to_ours, _ in group]
+    value = np.stack(values) if stacked else values[0]
+    variable, hf_name = flat[ours], group[0][0]
     if tuple(value.shape) != tuple(variable.shape):
       raise ValueError(f"{hf_name}: shape {value.shape} does not match config ({variable.shape})")
     if mesh is None:
@@ -268,10 +295,12 @@ def eos_token_ids(tokenizer, path: str | None = None, hf_config: dict | None = N
 
 
 def load_pretrained(
-  path: str, dtype="float32", param_dtype=None, mesh=None, rules=sharding.DEFAULT_RULES
-):
+  path: str, dtype="float32", param_dtype=None, mesh=None, rules=sharding.DEFAULT_RULES,
+  scan_layers: bool = False,
+):  # fmt: skip
   """(model, tokenizer) from an HF directory: config.json + safetensors (+ index) + tokenizer."""
-  return load_model(path, dtype, param_dtype, mesh, rules), load_tokenizer(path)
+  model = load_model(path, dtype, param_dtype, mesh, rules, scan_layers)
+  return model, load_tokenizer(path)
 
 
 def save_pretrained(
@@ -291,11 +320,12 @@ def save_pretrained(
   os.makedirs(out_dir, exist_ok=True)
   flat = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
   tensors = {}
-  for ours, hf_name, _, to_hf in _hf_names(cfg):
+  for ours, group, stacked in _tensor_groups(cfg):
     value = np.asarray(jax.device_get(flat[ours][...]))
     if dtype is not None:
       value = value.astype(ml_dtypes.bfloat16 if dtype == "bfloat16" else np.dtype(dtype))
-    tensors[hf_name] = np.ascontiguousarray(to_hf(value))
+    for i, (hf_name, _, to_hf) in enumerate(group):  # a stacked parameter: one tensor per layer
+      tensors[hf_name] = np.ascontiguousarray(to_hf(value[i] if stacked else value))
   # Write to a temporary name first so a crash never leaves a truncated model.safetensors.
   tmp = os.path.join(out_dir, "model.safetensors.tmp")
   save_file(tensors, tmp, metadata={"format": "pt"})

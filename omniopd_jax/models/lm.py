@@ -13,7 +13,9 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
+from omniopd_jax.models import layer_scan
 from omniopd_jax.ops import attention as attention_ops
 from omniopd_jax.ops import token_chunks
 
@@ -49,6 +51,9 @@ class ModelConfig:
   mlp_bias: bool = False
   qk_norm: bool = False  # Qwen3: RMSNorm over head_dim on q and k before RoPE
   tie_word_embeddings: bool = False
+  # Not an architecture field: one DecoderLayer whose parameters carry a leading [L] axis, run by
+  # jax.lax.scan (one layer compiled, not L), with a stacked KV cache. Same values as unrolled.
+  scan_layers: bool = False
 
   def __post_init__(self):
     if self.architecture not in ARCHITECTURES:
@@ -181,20 +186,28 @@ class Attention(nnx.Module):
   def __call__(self, x, positions, inv_freq, mask, cache=None, cache_index=None):
     """x: [B, T, E]; mask: [B, T, S] bool over the key slots, or a SegmentMask (no cache) for a
     fused attention; cache: (k, v) or None (init_cache)."""
-    q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)  # [B, T, H|KV, D]
+    names = layer_scan.ATTENTION_PROJECTIONS  # what remat "dots_except_mlp" saves
+    q, k, v = (
+      checkpoint_name(proj(x), name)
+      for proj, name in zip((self.q_proj, self.k_proj, self.v_proj), names)
+    )  # [B, T, H|KV, D]
     if self.q_norm is not None:
       q, k = self.q_norm(q), self.k_norm(k)
     q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
     if hasattr(cache, "write_and_attend"):  # a paged decode cache (rollout/paged_cache.py)
       out, cache = cache.write_and_attend(q, k, v, self.scale)
-      return self.o_proj(out), cache
+      return self._out(out), cache
     if isinstance(mask, SegmentMask):  # training / prefill: no [T, T] scores
       out = attention_ops.attention(
         q, k, v, mask.segment_ids, implementation=mask.implementation, scale=self.scale
       )  # [B, T, H, D]
-      return self.o_proj(out), cache
+      return self._out(out), cache
     keys = values = "bskd"  # einsum layouts of k and v: as projected, or as cached
-    if cache is not None:
+    if isinstance(cache, layer_scan.StackedKVCache):  # scanned: this layer's slice of them all
+      cache, k, v = cache.write(k, v, cache_index)
+      k, v = k.astype(x.dtype), v.astype(x.dtype)
+      keys, values = "bkds", "bksd"
+    elif cache is not None:
       # Per head, keys are cached as [D, S] and values as [S, D]: both attention matmuls of a
       # decode step then read the cache in its own layout (q [G, D] x [D, S], p [G, S] x [S, D]),
       # with no transpose of the cache at any step (the [S, KV, D] layout cost 12% of a step).
@@ -206,14 +219,17 @@ class Attention(nnx.Module):
       keys, values = "bkds", "bksd"
     b, t, h, d = q.shape
     if t == 1 and cache is not None:
-      return self.o_proj(self._attend_one(q, k, v, mask)), cache
+      return self._out(self._attend_one(q, k, v, mask)), cache
     q = q.reshape(b, t, h // self.groups, self.groups, d)  # [B, T, KV, G, D]
     scores = jnp.einsum(f"btkgd,{keys}->bkgts", q, k).astype(jnp.float32) * self.scale
     # A large finite negative (not -inf) keeps fully masked rows (padding queries) NaN-free.
     scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(x.dtype)  # softmax in float32, as transformers
     out = jnp.einsum(f"bkgts,{values}->btkgd", probs, v).reshape(b, t, h, d)
-    return self.o_proj(out), cache
+    return self._out(out), cache
+
+  def _out(self, out):
+    return checkpoint_name(self.o_proj(out), layer_scan.ATTENTION_PROJECTIONS[3])
 
   def _attend_one(self, q, k, v, mask):
     """One query token (decode): q [B, 1, H, D], k [B, KV, D, S], v [B, KV, S, D] -> [B, 1, H, D]."""
@@ -275,12 +291,13 @@ class CausalLM(nnx.Module):
     self.embed_tokens = _param(
       rngs, embed_init, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), param_dtype
     )
-    self.layers = nnx.List(
-      [
-        DecoderLayer(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        for _ in range(cfg.num_hidden_layers)
-      ]
-    )
+    layers = [
+      DecoderLayer(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+      for _ in range(cfg.num_hidden_layers)
+    ]
+    # scan_layers: one layer holding every layer's parameters stacked [L, ...] (built from the
+    # same per-layer draws, so a seed gives the same weights either way).
+    self.layers = layer_scan.stack_layers(layers) if cfg.scan_layers else nnx.List(layers)
     self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=param_dtype)
     head_shape = (cfg.hidden_size, cfg.vocab_size)
     self.lm_head = (
@@ -289,14 +306,18 @@ class CausalLM(nnx.Module):
       else _param(rngs, embed_init, head_shape, ("embed", "vocab"), param_dtype)
     )
 
-  def init_cache(
-    self, batch_size: int, max_len: int, dtype=None
-  ) -> list[tuple[jax.Array, jax.Array]]:
-    """An empty KV cache: per layer keys [B, KV, D, S] and values [B, KV, S, D]."""
+  def init_cache(self, batch_size: int, max_len: int, dtype=None):
+    """An empty KV cache: per layer keys [B, KV, D, S] and values [B, KV, S, D] (a list of
+    pairs), or with scan_layers a StackedKVCache of [L, ...] arrays (models/layer_scan.py)."""
     cfg = self.config
     k_shape = (batch_size, cfg.num_key_value_heads, cfg.dim_per_head, max_len)
     v_shape = (batch_size, cfg.num_key_value_heads, max_len, cfg.dim_per_head)
     dtype = dtype or self.dtype
+    if cfg.scan_layers:
+      n = cfg.num_hidden_layers
+      return layer_scan.StackedKVCache(
+        jnp.zeros((n, *k_shape), dtype), jnp.zeros((n, *v_shape), dtype)
+      )
     return [(jnp.zeros(k_shape, dtype), jnp.zeros(v_shape, dtype)) for _ in self.layers]
 
   def hidden_states(
@@ -319,11 +340,14 @@ class CausalLM(nnx.Module):
 
     `mlp_chunk` > 0 (no cache): each layer's MLP runs over sequence chunks of that many tokens,
     rematerialised, so its [T, intermediate] activations are never all live (same values).
+
+    `remat` (no cache): what each layer saves for the backward pass, a REMAT_POLICIES name
+    (models/layer_scan.py) or a bool (True = "full": only the layer's input, the rest recomputed; ~1/3 more compute).
     """
     constrain = constrain or (lambda x: x)
     b, t = input_ids.shape
     if attention_mask is None:
-      attention_mask = jnp.ones((b, t) if cache is None else (b, cache[0][1].shape[2]), bool)
+      attention_mask = jnp.ones((b, t) if cache is None else (b, _num_slots(cache)), bool)
     attention_mask = attention_mask.astype(bool)
     if cache is None:
       if positions is None:
@@ -338,22 +362,57 @@ class CausalLM(nnx.Module):
       mask = causal[None] & attention_mask[:, None, :]  # [B, T, S]
     inv_freq = rope_inv_freq(self.config)
     x = constrain(jnp.take(self.embed_tokens[...], input_ids, axis=0).astype(self.dtype))
-    new_cache = []
+    # remat: keep less than every activation for the backward pass and recompute the rest ("full":
+    # training memory drops from O(layers x activations) to O(layers x hidden)).
+    policy = layer_scan.remat_policy(remat) if cache is None else "none"
+    args = (positions, inv_freq, mask, cache, cache_index, policy, constrain, mlp_chunk)
+    run = self._scanned_layers if self.config.scan_layers else self._unrolled_layers
+    x, cache = run(x, *args)
+    x = self.norm(x)
+    return x if cache is None else (x, cache)
 
+  def _unrolled_layers(
+    self, x, positions, inv_freq, mask, cache, cache_index, policy, constrain, mlp_chunk
+  ):
     def call(layer, x, positions, inv_freq, mask, cache, cache_index):  # mlp_chunk stays static
       return layer(x, positions, inv_freq, mask, cache, cache_index, mlp_chunk)
 
-    # remat: keep only each layer's input for the backward pass and recompute the rest (training
-    # memory drops from O(layers x activations) to O(layers x hidden); ~1/3 more compute).
-    call = nnx.remat(call) if remat and cache is None else call
+    if policy != "none":
+      call = nnx.remat(call, policy=layer_scan.checkpoint_policy(policy))
+    new_cache = []
     for i, layer in enumerate(self.layers):
       x, layer_cache = call(
         layer, x, positions, inv_freq, mask, None if cache is None else cache[i], cache_index
       )
       new_cache.append(layer_cache)
       x = constrain(x)
-    x = self.norm(x)
-    return x if cache is None else (x, new_cache)
+    return x, None if cache is None else new_cache
+
+  def _scanned_layers(
+    self, x, positions, inv_freq, mask, cache, cache_index, policy, constrain, mlp_chunk
+  ):
+    """One jax.lax.scan over the stacked layers; a cache (StackedKVCache or a stacked paged
+    cache) rides in the carry and each layer updates its own slice in place."""
+    if isinstance(cache, list):
+      raise ValueError("a scan_layers model takes a stacked cache (CausalLM.init_cache makes one)")
+    graphdef, stacked = nnx.split(self.layers)  # every leaf [L, ...]
+
+    def body(carry, per_layer):
+      x, cache = carry
+      state, i = per_layer
+      layer_cache = None if cache is None else cache.replace(layer=i)
+      x, layer_cache = nnx.merge(graphdef, state)(
+        x, positions, inv_freq, mask, layer_cache, cache_index, mlp_chunk
+      )
+      return (constrain(x), layer_cache), None
+
+    if policy != "none":
+      body = jax.checkpoint(body, policy=layer_scan.checkpoint_policy(policy), prevent_cse=False)
+    if cache is not None:  # the carry's structure must not change: a layer index from the start
+      cache = cache.replace(layer=jnp.int32(0))
+    layer_ids = jnp.arange(self.config.num_hidden_layers, dtype=jnp.int32)
+    (x, cache), _ = jax.lax.scan(body, (x, cache), (stacked, layer_ids))
+    return x, None if cache is None else cache.replace(layer=None)
 
   def logits(self, hidden):
     """LM-head logits in float32 (log-probs, entropies and KLs are taken in float32)."""
@@ -369,6 +428,11 @@ class CausalLM(nnx.Module):
     if cache is None:
       return self.logits(out)
     return self.logits(out[0]), out[1]
+
+
+def _num_slots(cache) -> int:
+  """Key slots S of a dense cache (a per-layer list or a StackedKVCache)."""
+  return cache.num_slots if isinstance(cache, layer_scan.StackedKVCache) else cache[0][1].shape[2]
 
 
 def _no_cache_mask(attention_mask, segment_ids, attention: str):

@@ -161,8 +161,8 @@ class Engine:
     )
     logits = jnp.repeat(model.logits(hidden[:, -1]), k_samples, axis=0)  # [A*K, V]
     prompt_len = jnp.repeat(mask.sum(axis=1).astype(jnp.int32), k_samples)  # [A*K]
-    rep = lambda x: jnp.repeat(x, k_samples, axis=0)
-    dense = [(rep(k), rep(v)) for k, v in dense]
+    # Rows: axis 0 of a layer's [A, KV, ...], axis 1 of a scan_layers StackedKVCache's [L, A, ...].
+    dense = jax.tree.map(lambda x: jnp.repeat(x, k_samples, axis=x.ndim - 4), dense)
     pages = paged_cache.write_prompt_pages(pages, dense, prompt_len, page_ids)
     n_rows = out["tokens"].shape[0]
     new_keys = prompt["row_keys"][jnp.minimum(row_ids, n_rows - 1)]  # [A*K]
@@ -205,7 +205,7 @@ class Engine:
         slots["token"][:, None], jnp.ones((n_slots, 1), bool), slots["length"][:, None],
         cache=caches, cache_index=0, constrain=self._rows_constraint(),
       )  # fmt: skip
-      pages = [(c.k_pages, c.v_pages) for c in caches]
+      pages = paged_cache.cache_pages(caches)
       logits = jnp.dot(hidden[:, 0].astype(model.dtype), head).astype(jnp.float32)  # [S, V]
       token, out, ends = self._emit(out, logits, slots["key"], slots["step"], slots["row"], live)
       step = slots["step"] + live
@@ -228,7 +228,7 @@ class Engine:
     num_pages = opts.num_pages or s * max_pages + 1
     pages = paged_cache.init_pages(
       cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.dim_per_head, num_pages,
-      opts.page_size, dtype,
+      opts.page_size, dtype, stacked=cfg.scan_layers,
     )  # fmt: skip
     zeros = lambda dt: jnp.zeros((s,), dt)
     slots = dict(

@@ -68,8 +68,12 @@ def pages_for(num_tokens: int, page_size: int) -> int:
   return -(-int(num_tokens) // page_size)
 
 
-def init_pages(num_layers, num_kv_heads, head_dim, num_pages, page_size, dtype):
-  """An empty page pool per layer: [(k_pages, v_pages)] each [KV, num_pages, page_size, D]."""
+def init_pages(num_layers, num_kv_heads, head_dim, num_pages, page_size, dtype, stacked=False):
+  """An empty page pool per layer: [(k_pages, v_pages)] each [KV, num_pages, page_size, D]; or,
+  `stacked` (a scan_layers model), one pair (k_pages, v_pages) [KV, L, num_pages, page_size, D]."""
+  if stacked:
+    shape = (num_kv_heads, num_layers, num_pages, page_size, head_dim)
+    return jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)
   shape = (num_kv_heads, num_pages, page_size, head_dim)
   return [(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(num_layers)]
 
@@ -129,38 +133,64 @@ class PagedKVCache:
 
   `lengths` counts the tokens already cached per row: the step's new key goes at that index.
   Rows past their capacity must never reach here (the decode loop stops before they would).
+
+  Stacked (a scan_layers model): the pages of every layer [KV, L, NP, ps, D] ride in the layer
+  scan's carry and `layer` says whose; they are read as one [KV, L*NP, ps, D] pool (a free
+  reshape) with this layer's page ids offset by layer * NP, so no step copies a layer's pages.
   """
 
-  k_pages: jax.Array  # [KV, NP, ps, D]
-  v_pages: jax.Array  # [KV, NP, ps, D]
+  k_pages: jax.Array  # [KV, NP, ps, D], or stacked [KV, L, NP, ps, D]
+  v_pages: jax.Array  # like k_pages
   page_table: jax.Array  # [S, W] int32
   lengths: jax.Array  # [S] int32
   impl: str = struct.field(pytree_node=False, default="xla")
   interpret: bool = struct.field(pytree_node=False, default=False)
+  layer: jax.Array | None = None  # int32 scalar: the running layer of a stacked cache
 
   def write_and_attend(self, q, k, v, scale):
     """q [S, 1, H, D], k/v [S, 1, KV, D] of the step's token -> ([S, 1, H, D], updated cache)."""
-    ps = self.k_pages.shape[2]
-    page = jnp.take_along_axis(self.page_table, (self.lengths // ps)[:, None], axis=1)[:, 0]
+    k_pages, v_pages, table = self.k_pages, self.v_pages, self.page_table
+    stacked_shape = k_pages.shape if k_pages.ndim == 5 else None
+    if stacked_shape is not None:
+      if self.layer is None:
+        raise ValueError("a stacked paged cache is read inside the layer scan (`layer` unset)")
+      kv, n_layers, n_pages, ps, d = stacked_shape
+      k_pages = k_pages.reshape(kv, n_layers * n_pages, ps, d)  # [KV, L*NP, ps, D]
+      v_pages = v_pages.reshape(kv, n_layers * n_pages, ps, d)
+      table = table + self.layer * n_pages  # this layer's pages (its null page: layer * NP)
+    ps = k_pages.shape[2]
+    page = jnp.take_along_axis(table, (self.lengths // ps)[:, None], axis=1)[:, 0]
     offset = self.lengths % ps  # [S]
     write = lambda pages, new: pages.at[:, page, offset].set(new[:, 0].swapaxes(0, 1))
-    k_pages = write(self.k_pages, k.astype(self.k_pages.dtype))  # [KV, NP, ps, D]
-    v_pages = write(self.v_pages, v.astype(self.v_pages.dtype))
+    k_pages = write(k_pages, k.astype(k_pages.dtype))  # [KV, NP, ps, D]
+    v_pages = write(v_pages, v.astype(v_pages.dtype))
     args = ((q[:, 0] * scale).astype(q.dtype), k_pages.astype(q.dtype), v_pages.astype(q.dtype))
     # (the casts are no-ops when the pages hold the compute dtype, as the engine allocates them)
     if self.impl == "xla":
-      out = ragged_decode_attention(*args, self.page_table, self.lengths + 1)
+      out = ragged_decode_attention(*args, table, self.lengths + 1)
     else:
       out = pallas_decode_attention(
-        *args, self.page_table, self.lengths + 1, impl=self.impl, interpret=self.interpret
+        *args, table, self.lengths + 1, impl=self.impl, interpret=self.interpret
       )
+    if stacked_shape is not None:
+      k_pages, v_pages = k_pages.reshape(stacked_shape), v_pages.reshape(stacked_shape)
     return out[:, None], self.replace(k_pages=k_pages, v_pages=v_pages)
 
 
 def layer_caches(pages, page_table, lengths, impl="xla", interpret=False):
-  """The per-layer PagedKVCache list a decode step passes to `CausalLM.hidden_states`."""
+  """The per-layer PagedKVCache list a decode step passes to `CausalLM.hidden_states` (one
+  stacked PagedKVCache for stacked pages)."""
   make = functools.partial(PagedKVCache, impl=impl, interpret=interpret)
+  if isinstance(pages, tuple):  # stacked (init_pages(..., stacked=True))
+    return make(*pages, page_table, lengths)
   return [make(k, v, page_table, lengths) for k, v in pages]
+
+
+def cache_pages(caches):
+  """The pages of `layer_caches`' result after a decode step, as `init_pages` laid them out."""
+  if isinstance(caches, PagedKVCache):
+    return caches.k_pages, caches.v_pages
+  return [(c.k_pages, c.v_pages) for c in caches]
 
 
 def write_prompt_pages(pages, dense_cache, prompt_len, page_ids):
@@ -169,25 +199,29 @@ def write_prompt_pages(pages, dense_cache, prompt_len, page_ids):
   pages: per layer (k_pages, v_pages) [KV, NP, ps, D]; dense_cache: per layer (k [A, KV, D, P],
   v [A, KV, P, D]) as `CausalLM.init_cache` lays them out; prompt_len [A] int32; page_ids
   [A, NPP] int32, the pages of each prompt row (0 where a row needs fewer). A row's samples may
-  list the same full pages: they receive identical values.
+  list the same full pages: they receive identical values. Stacked pages (k_pages, v_pages)
+  [KV, L, NP, ps, D] take a models.layer_scan.StackedKVCache (k [L, A, KV, D, P]), every layer at once.
   """
   a, npp = page_ids.shape
-  ps = pages[0][0].shape[2]
-  p = dense_cache[0][1].shape[2]
+  stacked = isinstance(pages, tuple)
+  ps = pages[0].shape[3] if stacked else pages[0][0].shape[2]
+  p = dense_cache.num_slots if stacked else dense_cache[0][1].shape[2]
 
   src = (p - prompt_len)[:, None] + jnp.arange(npp * ps)[None, :]  # [A, T] dense slot of token t
   src = jnp.minimum(src, p - 1)  # past the prompt: any slot (masked out until overwritten)
-  out = []
-  for (k_pages, v_pages), (k, v) in zip(pages, dense_cache):
+
+  def one_layer(k_pages, v_pages, k, v):
     k_tok = jnp.take_along_axis(k, src[:, None, None, :], axis=3).swapaxes(2, 3)  # [A, KV, T, D]
     v_tok = jnp.take_along_axis(v, src[:, None, :, None], axis=2)  # [A, KV, T, D]
-    out.append(
-      (
-        _write_blocks(k_pages, k_tok, page_ids),
-        _write_blocks(v_pages, v_tok, page_ids),
-      )
+    return _write_blocks(k_pages, k_tok, page_ids), _write_blocks(v_pages, v_tok, page_ids)
+
+  if stacked:  # pages' layer axis is 1, the dense cache's 0
+    return jax.vmap(one_layer, in_axes=(1, 1, 0, 0), out_axes=1)(
+      *pages, dense_cache.k, dense_cache.v
     )
-  return out
+  return [
+    one_layer(*layer_pages, *layer_dense) for layer_pages, layer_dense in zip(pages, dense_cache)
+  ]
 
 
 def _write_blocks(pool, tokens, page_ids):

@@ -16,6 +16,7 @@ from flax import nnx
 from jax.sharding import NamedSharding
 
 from omniopd_jax import sharding
+from omniopd_jax.models import layer_scan
 from omniopd_jax.models import lm as model_lib
 from omniopd_jax.rollout import continuous, decode_sharding, forks
 from omniopd_jax.rollout import rows as row_identity
@@ -201,7 +202,8 @@ def make_generate_fn(
 
     # Prefill: write the prompt into the cache; logits only at the last slot (every row's last
     # prompt token sits there, prompts being left-padded), not over the whole prompt.
-    cache = [(constrain(k, k_sh), constrain(v, v_sh)) for k, v in model.init_cache(b, p + length)]
+    pin = lambda k, v: (constrain(k, k_sh), constrain(v, v_sh))  # one layer's [B, KV, ...]
+    cache = layer_scan.map_cache(model.init_cache(b, p + length), pin)
     slot_mask = jnp.concatenate([prompt_mask, jnp.ones((b, length), bool)], axis=1)  # [B, S]
     positions = jnp.maximum(jnp.cumsum(prompt_mask, axis=1) - 1, 0)  # [B, P]
     hidden, cache = model.hidden_states(
@@ -212,7 +214,7 @@ def make_generate_fn(
     done = ~prompt_mask.any(axis=1)  # all-padding rows are finished from the start
     if k_samples > 1:  # K continuations share one prefill
       rep = lambda x: jnp.repeat(x, k_samples, axis=0)
-      cache = [(constrain(rep(k), k_sh), constrain(rep(v), v_sh)) for k, v in cache]
+      cache = layer_scan.map_cache(cache, lambda k, v: pin(rep(k), rep(v)))
       logits, slot_mask, prompt_len, done = map(rep, (logits, slot_mask, prompt_len, done))
     n = b * k_samples
     keys = row_identity.row_keys(seed, prompt_tokens, prompt_mask, k_samples)  # [N]

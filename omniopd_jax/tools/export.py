@@ -36,7 +36,11 @@ def export(workdir: str, out: str, step: int | None = None, dtype: str | None = 
   with open(config_path) as f:
     config = ml_collections.ConfigDict(json.load(f))
   student_dir = config.model.student_path or os.path.join(workdir, "models", "student")
-  model, tokenizer = hf.load_pretrained(student_dir, config.model.dtype, config.model.param_dtype)
+  # The checkpoint's parameter layout: stacked [L, ...] when the run scanned its layers.
+  model, tokenizer = hf.load_pretrained(
+    student_dir, config.model.dtype, config.model.param_dtype,
+    scan_layers=config.model.get("scan_layers", False),
+  )  # fmt: skip
   if config.model.tokenizer_path:
     tokenizer = hf.load_tokenizer(config.model.tokenizer_path)
   graphdef, params = nnx.split(model)

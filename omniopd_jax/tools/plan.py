@@ -13,6 +13,7 @@ What is counted per device (parameters, optimizer state, frozen base, KV cache, 
 activations, with and without remat) and how well the estimates held: docs/memory_model.md.
 """
 
+import dataclasses
 import functools
 import json
 import math
@@ -27,7 +28,7 @@ from ml_collections import config_flags
 
 from omniopd_jax import sharding
 from omniopd_jax.methods import registry
-from omniopd_jax.models import hf
+from omniopd_jax.models import hf, layer_scan
 from omniopd_jax.models import lm as model
 from omniopd_jax.ops import attention as attention_ops
 from omniopd_jax.ops import vocab_tiling
@@ -151,9 +152,11 @@ def _per_device(n: int, axes, mesh) -> int:
 def plan(config, cfg: model.ModelConfig, mesh_sizes: dict[str, int], remat: bool = False) -> Plan:
   """The per-device memory plan of `config` for architecture `cfg` on a mesh of `mesh_sizes`.
 
-  `remat` (or a truthy config.model.remat) counts activations as with per-layer rematerialisation.
+  `remat` (True: "full"; else config.model.remat, a models.layer_scan.REMAT_POLICIES name or a bool)
+  counts activations as that per-layer rematerialisation saves them.
   """
-  remat = bool(remat or config.model.get("remat", False))
+  policy = layer_scan.remat_policy(True if remat else config.model.get("remat", False))
+  remat = policy != "none"
   mesh = abstract_mesh(mesh_sizes)
   rules = _rules(config)
   table = dict(rules)
@@ -233,9 +236,12 @@ def plan(config, cfg: model.ModelConfig, mesh_sizes: dict[str, int], remat: bool
   # per query and key; a fused attention saves the float32 log-normaliser per query and head.
   scores = heads_dev * 4 if fused else heads_dev * seq * (12 + c)
   per_token = (4 * e + 3 * heads_dev * d + 3 * kv_dev * d + 4 * f) * c + scores
-  if remat:  # only each layer's input is saved; one layer's set lives during its backward
-    layer_acts = n * u * seq * e * c + u * seq * per_token
-    acts_formula = f"{n} x {u} x {seq} x {e} x {c} B + one layer ({u * seq * per_token:,} B)"
+  if remat:  # each layer's input (and the policy's matmul outputs) saved; one layer's set lives
+    # during its backward. dots: q, k, v, o and the MLP's gate, up, down; dots_except_mlp: q-o.
+    attn_dots = heads_dev * d + 2 * kv_dev * d + e
+    saved = e + {"full": 0, "dots": attn_dots + 2 * f + e, "dots_except_mlp": attn_dots}[policy]
+    layer_acts = n * u * seq * saved * c + u * seq * per_token
+    acts_formula = f"{n} x {u} x {seq} x {saved} x {c} B + one layer ({u * seq * per_token:,} B)"
   else:
     layer_acts = n * u * seq * per_token
     acts_formula = f"{n} layers x {u} rows x {seq} tokens x {per_token:,} B"
@@ -244,7 +250,7 @@ def plan(config, cfg: model.ModelConfig, mesh_sizes: dict[str, int], remat: bool
     Line("gradients", f"gradients ({pdt})" + (", with accumulator" if micro > 1 else ""),
          "update", grads, "like the parameters" + (" x 2" if micro > 1 else "")),
     head_line,
-    Line("activations", f"layer activations, update ({'remat' if remat else 'no remat'}, {attn})",
+    Line("activations", f"layer activations, update (remat {policy}, {attn})",
          "update", layer_acts, acts_formula),
   ]  # fmt: skip
   notes = []
@@ -312,6 +318,16 @@ def compiled_update_memory(config, cfg: model.ModelConfig, mesh_sizes: dict[str,
   GPU/TPU host, or CPU with XLA_FLAGS=--xla_force_host_platform_device_count=N for small models.
   Returns argument / output / alias / temp bytes and XLA's peak (argument + output - alias + temp).
   """
+  ma = lower_update(config, cfg, mesh_sizes).compile().memory_analysis()
+  names = ("argument", "output", "alias", "temp")
+  out = {k: int(getattr(ma, f"{k}_size_in_bytes")) for k in names}
+  out["peak"] = out["argument"] + out["output"] - out["alias"] + out["temp"]
+  return out
+
+
+def lower_update(config, cfg: model.ModelConfig, mesh_sizes: dict[str, int]):
+  """The real jitted update step (train.step.make_update_fn) lowered from abstract inputs (a
+  jax.stages.Lowered; nothing allocated), with config.model.scan_layers' parameter layout."""
   n = math.prod(mesh_sizes.values())
   if jax.device_count() < n:
     raise ValueError(
@@ -321,6 +337,7 @@ def compiled_update_memory(config, cfg: model.ModelConfig, mesh_sizes: dict[str,
   rules = _rules(config)
   mesh = sharding.make_mesh([(a, mesh_sizes[a]) for a in sharding.MESH_AXES], jax.devices()[:n])
   dtype, pdt = jnp.dtype(config.model.dtype), jnp.dtype(config.model.param_dtype)
+  cfg = dataclasses.replace(cfg, scan_layers=bool(config.model.get("scan_layers", False)))
   graphdef, params = nnx.split(model.abstract_model(cfg, dtype, pdt), nnx.Param)
   tx = train_step.make_optimizer(config.optimizer, config.num_steps)
   state = jax.eval_shape(lambda p: train_step.init_state(p, tx, 0), params)
@@ -342,12 +359,7 @@ def compiled_update_memory(config, cfg: model.ModelConfig, mesh_sizes: dict[str,
     ),
     update_batch_shapes(config),
   )
-  compiled = update.jitted.lower(placed(state, update.shardings), base, batch).compile()
-  ma = compiled.memory_analysis()
-  names = ("argument", "output", "alias", "temp")
-  out = {k: int(getattr(ma, f"{k}_size_in_bytes")) for k in names}
-  out["peak"] = out["argument"] + out["output"] - out["alias"] + out["temp"]
-  return out
+  return update.jitted.lower(placed(state, update.shardings), base, batch)
 
 
 def _gib(x: int) -> str:

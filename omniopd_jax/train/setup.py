@@ -193,7 +193,10 @@ def load_teacher_model(config, teacher_dir: str, mesh, rules, tokenizer):
   if not teacher_dir:
     raise ValueError("method=opd needs config.opd.teacher_path (an HF dir, same tokenizer)")
   with jax.set_mesh(mesh):
-    model, teacher_tok = hf.load_pretrained(teacher_dir, config.model.dtype, mesh=mesh, rules=rules)
+    model, teacher_tok = hf.load_pretrained(
+      teacher_dir, config.model.dtype, mesh=mesh, rules=rules,
+      scan_layers=config.model.get("scan_layers", False),
+    )  # fmt: skip
   opd.check_same_tokenizer(tokenizer, teacher_tok)
   return model
 
@@ -221,7 +224,10 @@ def setup(config, workdir: str, stop_requested: threading.Event | None = None):
   if tokenizer is None:
     raise FileNotFoundError(f"no tokenizer files in {student_dir}: set config.model.tokenizer_path")
   with jax.set_mesh(mesh):
-    model = hf.load_model(student_dir, config.model.dtype, config.model.param_dtype, mesh, rules)
+    model = hf.load_model(
+      student_dir, config.model.dtype, config.model.param_dtype, mesh, rules,
+      scan_layers=config.model.get("scan_layers", False),
+    )  # fmt: skip
   graphdef, params = nnx.split(model)
   # A real copy (astype to the same dtype would alias): the state's buffers are donated.
   base_dtype = hf.DTYPES[config.model.base_dtype]

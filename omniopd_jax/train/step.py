@@ -17,7 +17,7 @@ from flax import nnx
 
 from omniopd_jax import sharding
 from omniopd_jax.methods import base, packing, registry
-from omniopd_jax.models import lm
+from omniopd_jax.models import layer_scan, lm
 from omniopd_jax.ops import attention as attention_ops
 from omniopd_jax.ops import vocab_tiling
 
@@ -139,7 +139,7 @@ def response_stats(
   gradient; their heads are recomputed tile by tile beside the student's. With a `mesh`, rows
   stay split over the batch axes and the head gradient keeps the head's own sharding.
   """
-  remat = bool(model_cfg.get("remat", False))
+  remat = layer_scan.remat_policy(model_cfg.get("remat", False))
   attention = model_cfg.get("attention", "dense")
   mlp_chunk = int(model_cfg.get("mlp_chunk", 0))
   rows = head_sharding = None
@@ -180,7 +180,7 @@ def make_loss_fn(config, method: base.Method, graphdef, teacher_graphdef=None, m
   use_base = method.needs_base(config)
   use_teacher = method.needs_teacher_logits(config)
   model_cfg = config.get("model", {})
-  remat = bool(model_cfg.get("remat", False))
+  remat = layer_scan.remat_policy(model_cfg.get("remat", False))
   attention = model_cfg.get("attention", "dense")
   tiled = model_cfg.get("head", "dense") == "tiled"
   mlp_chunk = int(model_cfg.get("mlp_chunk", 0))
