@@ -13,7 +13,8 @@ the method's loss, gradients, AdamW) for a Qwen3-1.7B-shaped model cut to `--lay
   tiled  model.head=tiled (ops/vocab_tiling) + model.attention=blockwise (ops/attention)
   dense  model.head=dense + model.attention=dense: [B, L, V] logits and [B, H, T, T] scores
 Both in the paper-scale precision (bfloat16 compute and frozen base, float32 master weights and
-AdamW) and the config's model.mlp_chunk (MLPs over rematerialised 1024-token chunks; --mlp-chunk 0
+AdamW), the config's scanned layers and remat policy (model.scan_layers, model.remat=full) and
+model.mlp_chunk (MLPs over rematerialised 1024-token chunks; --mlp-chunk 0
 turns it off). Nothing is allocated, so it runs on a laptop; compile time is printed too. XLA's CPU
 backend computes bfloat16 elementwise ops and dots in float32, so CPU temporaries overstate a
 GPU/TPU's for the bfloat16 activations and the bfloat16 frozen base.
@@ -53,7 +54,9 @@ def update_config(path: str, args):
   config.max_prompt_len = args.prompt
   config.rollout.max_new_tokens = args.response
   config.mesh = [("data", 1), ("fsdp", DEVICES), ("tensor", 1)]
-  config.model.update(**PATHS[path], remat=args.remat)
+  config.model.update(**PATHS[path])
+  if args.remat is not None:
+    config.model.remat = args.remat
   if args.mlp_chunk is not None:
     config.model.mlp_chunk = args.mlp_chunk
   return config
@@ -78,7 +81,10 @@ def main():
   parser.add_argument("--prompt", type=int, default=256)
   parser.add_argument("--response", type=int, default=8192)
   parser.add_argument("--method", default="omniopd", choices=("omniopd", "grpo", "sft", "opd"))
-  parser.add_argument("--remat", action="store_true", help="per-layer rematerialisation")
+  parser.add_argument(
+    "--remat", default=None, choices=("none", "full", "dots", "dots_except_mlp"),
+    help="model.remat policy (default: the config's, full at paper scale)",
+  )  # fmt: skip
   parser.add_argument(
     "--mlp-chunk", type=int, default=None, help="model.mlp_chunk (default: the config's)"
   )

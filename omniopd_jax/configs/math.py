@@ -63,7 +63,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # What each layer saves for the backward pass (models/layer_scan.py): none (everything) |
   # full (only its input; fits paper scale, see tools.plan) | dots (the weight matmuls' outputs)
   # | dots_except_mlp (only the attention projections'). Booleans too: True = full, False = none.
-  c.model.remat = ml_collections.FieldReference("none", field_type=object)
+  # Paper scale (the default and :pod) needs full: tools.plan finds no batch that fits without it.
+  c.model.remat = ml_collections.FieldReference("full", field_type=object)
   # One layer's parameters stacked [L, ...] and run by jax.lax.scan in every program (update,
   # sampler, continuous engine): XLA compiles one layer instead of L (same values). False unrolls.
   c.model.scan_layers = True
@@ -231,6 +232,7 @@ def _smoke(c):
   c.model.update(dtype="float32", base_dtype="float32")  # CPU-sized models stay float32
   c.model.update(head="dense", attention="dense")  # tiny models: the reference path, as fast
   c.model.scan_layers = False  # 2-4 layers: nothing to gain in compile time; the unrolled path
+  c.model.remat = "none"  # tiny models: nothing to save, a third more compute
   c.rollout.max_new_tokens = 32
   c.omniopd.update(num_forks=2, chunk_len=8, num_teacher_samples=3)
   c.scoring.phi = "edit"
