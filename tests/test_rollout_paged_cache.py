@@ -158,15 +158,20 @@ def test_pallas_gpu_kernel_in_interpret_mode_matches_reference():
   np.testing.assert_allclose(np.asarray(out), _reference(q, k, v, table, lengths), atol=1e-5)
 
 
-@pytest.mark.xfail(
-  strict=True, reason="TPU paged_attention under the CPU TPU interpreter is ~1e-2 off"
-)
 def test_pallas_tpu_kernel_in_interpret_mode_matches_reference():
+  # JAX's TPU paged-attention kernel loads every K/V page as bfloat16 (its `_maybe_dequantize`
+  # casts unquantized pages too), so it equals the reference on bfloat16-rounded pages exactly;
+  # against float32 pages it is within bfloat16 rounding.
+  import ml_dtypes
+
   q, k, v, table, lengths = _random_cache(6)
   out = paged_cache.pallas_decode_attention(
     *map(jnp.asarray, (q, k, v, table, lengths)), impl="pallas_tpu", interpret=True
   )
-  np.testing.assert_allclose(np.asarray(out), _reference(q, k, v, table, lengths), atol=1e-4)
+  bf16 = lambda x: x.astype(ml_dtypes.bfloat16).astype(np.float32)
+  want = _reference(q, bf16(k), bf16(v), table, lengths)
+  np.testing.assert_allclose(np.asarray(out), want, atol=1e-5)
+  np.testing.assert_allclose(np.asarray(out), _reference(q, k, v, table, lengths), atol=3e-2)
 
 
 def test_engine_with_the_gpu_kernel_samples_the_same_rows():

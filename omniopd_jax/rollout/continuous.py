@@ -95,6 +95,12 @@ class Engine:
       self._prefill = jax.jit(self._prefill_program, donate_argnums=(1, 2, 3))
       self._decode = jax.jit(self._decode_program, donate_argnums=(1, 2, 3))
       return
+    if options.attention != "xla" and mesh.size > 1 and not options.interpret:
+      # GSPMD cannot split a Pallas custom call, and the paged kernels are not yet run per shard.
+      raise ValueError(
+        f"rollout.attention={options.attention!r} under a {mesh.size}-device mesh: the paged "
+        "Pallas kernels run on one device's slots only; use rollout.attention=xla"
+      )
     if options.num_slots % rows_per_shard_multiple(mesh, self.rules):
       raise ValueError(
         f"num_slots={options.num_slots} must be a multiple of the batch axes' size "
