@@ -3,7 +3,7 @@
   python -m omniopd_jax.main --config=configs/math.py --workdir=/tmp/opd \
       --config.model.student_path=/ckpt/qwen3-1.7b --config.teacher.base_url=http://127.0.0.1:8000/v1
   python -m omniopd_jax.main --config=configs/math.py:smoke --workdir=/tmp/smoke   # CPU, seconds
-  python -m omniopd_jax.main --config=configs/math.py:demo --workdir=/tmp/demo     # CPU, ~5 min
+  python -m omniopd_jax.main --config=configs/math.py:demo --workdir=/tmp/demo     # CPU, ~12 min
   python -m omniopd_jax.main --config=configs/math.py:anthropic ...   # Claude Haiku 4.5 teacher
   python -m omniopd_jax.main --config=configs/math.py:gemini ...      # Gemini 2.5 Flash teacher
   python -m omniopd_jax.main --config=configs/math.py:pod ...         # TPU pod / multi-node GPU
@@ -179,8 +179,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.demo.student_eval_every = 50  # greedy validation evals (problems outside the held-out split)
   c.demo.student_eval_examples = 128
   c.demo.student_stop_accuracy = 0.3  # stop at the first validation eval at or above this
-  c.demo.headroom_steps = 200  # headroom check: this many more SFT steps x batch_size (the
-  # comparison's default budget: the demo's num_steps) ...
+  # Headroom check: this many more SFT steps x batch_size (half the comparison's default budget,
+  # the demo's num_steps = 400, so a pass here is the stricter claim; the shipped record ran 200) ...
+  c.demo.headroom_steps = 200
   c.demo.headroom_lr = 3e-4  # ... at this constant rate (compare's best SFT rate) ...
   c.demo.headroom_min_gain = 0.15  # ... must gain this much held-out accuracy (else FAIL printed)
 
@@ -259,7 +260,9 @@ def _demo(c):
   """The README's first command: a real end-to-end run on the 2-core CPU in under 15 minutes."""
   _smoke(c)
   c.model.build_demo_models = "trained"
-  c.num_steps = 200  # ~5 min quiet; also compare's default budget and demo.headroom_steps
+  # ~1.5 s a step on 2 quiet cores (the teacher ~1.1 s): ~12 min with set-up and evals. Also
+  # compare's default budget (demo.headroom_steps checks SFT's gain in half of it).
+  c.num_steps = 400
   c.batch_size = 32
   c.checkpoint_every = 50
   c.eval_every = 50
@@ -277,4 +280,7 @@ def _demo(c):
   c.data.eval_size = 256
   c.eval.num_examples = 256
   c.eval.batch_size = 128
-  c.optimizer.learning_rate = 1e-4  # on-policy updates degrade this student at 3e-4
+  # Peak, cosine to 10% over num_steps. Held-out at step 100 (seed 0): 1e-4 0.332, 1.5e-4 0.328,
+  # 2e-4 0.301 (below the base 0.309): the on-policy updates degrade this student above ~1.5e-4.
+  # After 400 steps, seeds 0 / 1 / 2: 0.391 / 0.355 / 0.375 (+6.5 +- 1.8 points).
+  c.optimizer.learning_rate = 1.5e-4
