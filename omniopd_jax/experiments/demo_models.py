@@ -193,7 +193,7 @@ def select_student(config, tokenizer, pairs, *, seed, log):
   `student_lr`, a greedy validation eval every `student_eval_every` steps, and stop at the first
   eval at or above `student_stop_accuracy` (right after the jump from ~0 that this task shows).
   Then the headroom check: a copy trained `headroom_steps` more SFT steps at `headroom_lr` (the
-  comparison's budget: `batch_size` samples a step) must gain at least `headroom_min_gain` of
+  comparison's budget or less (`batch_size` samples a step) must gain at least `headroom_min_gain` of
   held-out accuracy. Returns (model, record) with the curve and both checks for the model dir.
   """
   d = config.demo
