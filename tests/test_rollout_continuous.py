@@ -265,14 +265,14 @@ def test_a_replicated_pool_too_big_for_the_device_falls_back_to_the_static_engin
   # on_row_done for every row after the decode; the rows are the same.
   mesh = sharding.make_mesh([("data", 2), ("fsdp", 2), ("tensor", 2)])
   cfg, dtype = model.config, model.dtype
-  assert sampler.replicated_pool_fits(cfg, dtype, SMALL, 3, 40)  # CPU reports no memory limit
+  assert continuous.replicated_pool_fits(cfg, dtype, SMALL, 3, 40)  # CPU reports no memory limit
 
   class Device:
     def memory_stats(self):
       return {"bytes_limit": 1024}
 
-  monkeypatch.setattr(sampler.jax, "devices", lambda *a: [Device()])
-  assert not sampler.replicated_pool_fits(cfg, dtype, SMALL, 3, 40)
+  monkeypatch.setattr(continuous.jax, "devices", lambda *a: [Device()])
+  assert not continuous.replicated_pool_fits(cfg, dtype, SMALL, 3, 40)
   kw = dict(max_new_tokens=8, temperature=0.0, eos_ids=EOS, seed=3, engine_options=SMALL)
   seen = []
   ours = sampler.generate(model, PROMPTS, mesh=mesh, on_row_done=lambda row, *_: seen.append(row),

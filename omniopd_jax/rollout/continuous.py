@@ -73,6 +73,36 @@ def rows_per_shard_multiple(mesh, rules=sharding.DEFAULT_RULES) -> int:
   return int(np.prod([mesh.shape[a] for a in axes]))
 
 
+# Under a mesh the continuous engine keeps its page pool on every device; it runs only while the
+# pool takes at most this share of one device's memory (else the static engine, rows sharded).
+POOL_SHARE = 0.25
+_POOL_WARNED: set = set()
+
+
+def replicated_pool_fits(cfg, dtype, engine_options, n_rows: int, row_len: int) -> bool:
+  """Whether the continuous engine's page pool, replicated on every device of a mesh, fits in
+  POOL_SHARE of a device's memory (backends that do not report memory, e.g. CPU: always)."""
+  eopts = engine_options or EngineOptions()
+  page = eopts.page_size
+  pages = eopts.num_pages or (eopts.num_slots or n_rows) * -(-row_len // page) + 1
+  per_token = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.dim_per_head
+  pool = pages * page * per_token * jnp.dtype(dtype).itemsize
+  stats = jax.devices()[0].memory_stats() or {}
+  limit = stats.get("bytes_limit")
+  if not limit or pool <= POOL_SHARE * limit:
+    return True
+  if pool not in _POOL_WARNED:
+    _POOL_WARNED.add(pool)
+    print(
+      f"rollout: the continuous engine's page pool ({pool / 2**30:.1f} GiB, replicated on every "
+      f"device under a mesh) exceeds {POOL_SHARE:.0%} of a device's {limit / 2**30:.1f} GiB; "
+      "decoding with the static engine (rows sharded). Lower rollout.num_slots / num_pages to "
+      "keep continuous batching.",
+      flush=True,
+    )
+  return False
+
+
 def _next_pow2(n: int) -> int:
   return 1 << max(0, int(n) - 1).bit_length()
 
