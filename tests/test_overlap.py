@@ -36,11 +36,12 @@ def model(tokenizer):
   return lm.CausalLM(cfg, rngs=nnx.Rngs(0))
 
 
-def _config(overlap: bool, engine="continuous", fork_method="peak"):
+def _config(overlap: bool, engine="continuous", fork_method="peak", token_credit="none"):
   c = math_config.get_config("smoke")
   c.rollout.update(max_new_tokens=24, num_slots=2, page_size=4, steps_per_sync=4, engine=engine)
   c.rollout.overlap_teacher = overlap
-  c.omniopd.update(num_forks=2, chunk_len=4, num_teacher_samples=2, fork_method=fork_method)
+  c.omniopd.update(num_forks=2, chunk_len=4, num_teacher_samples=2, fork_method=fork_method,
+                   token_credit=token_credit)  # fmt: skip
   c.scoring.phi = "edit"
   c.max_prompt_len = 32
   return c
@@ -92,6 +93,25 @@ def test_overlapped_collection_equals_the_batch_path(tokenizer, model, ppr, fork
   assert 0 < np.asarray(got[True].batch.fork_mask).sum()
   # The same HTTP calls (packed ones included: same prompts per call, same seeds).
   assert bodies[True] == bodies[False] and len(bodies[True]) * ppr >= 8
+
+
+def test_token_credit_keeps_the_chunks_and_credits_their_tokens(tokenizer, model):
+  """The same rollouts and teacher samples with token_credit none / decision: the chunk weights
+  and masks are unchanged; every audited chunk's first token is spoken for by every sample that
+  came back, and a later token only by samples that reproduce the chunk up to it."""
+  got = {}
+  for credit in ("none", "decision"):
+    with ServerThread(FakeTeacher(seeded=True)) as server:
+      got[credit] = _collect(_config(True, token_credit=credit), tokenizer, model, server)
+  none, dec = got["none"].batch, got["decision"].batch
+  np.testing.assert_array_equal(none.fork_mask, dec.fork_mask)
+  np.testing.assert_array_equal(none.fork_weight, dec.fork_weight)
+  assert none.fork_token_weight is None and dec.fork_token_weight.shape == (8, 2, 4)
+  np.testing.assert_array_equal(dec.fork_token_mask[..., 0], dec.fork_mask)
+  assert not (dec.fork_token_mask & ~dec.fork_mask[..., None]).any()
+  # The fake teacher rarely reproduces a random student's chunk: later tokens are mostly unclaimed.
+  assert dec.fork_token_mask[..., 1:].sum() < dec.fork_token_mask[..., 0].sum() * 3
+  assert "omniopd/token_credit_frac" in got["decision"].metrics
 
 
 def test_first_request_reaches_the_teacher_before_the_decode_ends(tokenizer, model, monkeypatch):

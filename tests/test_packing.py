@@ -39,8 +39,9 @@ def make_config(method, **overrides):
   return config
 
 
-def make_batch(method, seed=0, lengths=LENGTHS):
-  """A padded typed batch of `method`: left-padded prompts, responses of `lengths`."""
+def make_batch(method, seed=0, lengths=LENGTHS, token_credit=False):
+  """A padded typed batch of `method`: left-padded prompts, responses of `lengths` (OmniOPD with
+  `token_credit`: per-token chunk weights and masks too)."""
   rng = np.random.RandomState(seed)
   tokens = rng.randint(1, TINY.vocab_size, size=(B, P + L)).astype(np.int32)
   response_mask = np.arange(L)[None] < np.asarray(lengths)[:, None]  # [B, L]
@@ -54,7 +55,12 @@ def make_batch(method, seed=0, lengths=LENGTHS):
   if method == "omniopd":
     starts = np.tile(np.array([[0, 5, 12]], np.int32), (B, 1))
     fork_mask = (starts + C <= np.asarray(lengths)[:, None]) & (rng.rand(B, M) < 0.8)
-    return omniopd.OmniOPDBatch(seq, starts, fork_mask, rng.rand(B, M).astype(np.float32))
+    batch = omniopd.OmniOPDBatch(seq, starts, fork_mask, rng.rand(B, M).astype(np.float32))
+    if token_credit:  # each token its own weight; some tokens no sample speaks for
+      token_mask = (rng.rand(B, M, C) < 0.7) & fork_mask[..., None]
+      token_weight = np.where(token_mask, rng.rand(B, M, C), 0.0).astype(np.float32)
+      batch = batch.replace(fork_token_weight=token_weight, fork_token_mask=token_mask)
+    return batch
   if method == "opd":
     return opd.OPDBatch(seq, -rng.rand(B, L).astype(np.float32))
   if method == "grpo":
@@ -120,6 +126,7 @@ def grads_of(config, graphdef, params, base_params, batch, teacher=None):
 
 CASES = [
   ("omniopd", {"model.head": "tiled", "model.attention": "blockwise"}),
+  ("omniopd", {"omniopd.token_credit": "decision"}),
   ("opd", {}),
   ("opd", {"opd.estimator": "full_vocab", "model.head": "tiled"}),
   ("grpo", {}),
@@ -134,7 +141,7 @@ def test_packed_loss_and_gradients_equal_the_padded(method, extra):
   # A perturbed copy as the frozen base / teacher: the KL terms are not zero.
   other = jax.tree.map(lambda x: x * 1.1 + 0.01, params)
   teacher = other if method == "opd" else None
-  batch = make_batch(method)
+  batch = make_batch(method, token_credit="omniopd.token_credit" in extra)
   fields = registry.get(method).token_fields(config, batch)
   packed, _ = packing.pack(batch.seq, fields)
   assert packed.tokens.shape[0] < B  # padding went away

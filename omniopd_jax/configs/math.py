@@ -94,6 +94,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.omniopd.num_drafts = 4  # K drafts per fork for weight_form=group (own chunk included)
   c.omniopd.use_prior = True  # False: ablation pi_hat = k / n_valid
   c.omniopd.kl_anchor = True  # False: ablation without the KL term
+  # Credit inside a chunk, from where each teacher sample first differs from it (reward/posterior
+  # token_agreement): none (every token gets the chunk's weight) | prefix (tokens the sample
+  # reproduces count as agreed, the rest get phi) | decision (agreed up to the first differing
+  # token, which gets phi; the tokens after it follow from it and are left to the KL anchor).
+  c.omniopd.token_credit = "none"
   c.omniopd.fork_method = "peak"  # peak (highest entropy) | random (ablation)
   c.omniopd.reduction = "sequence_sum"  # sequence_sum (divided by norm_constant) | token_mean
   c.omniopd.norm_constant = 0.0  # 0: use rollout.max_new_tokens

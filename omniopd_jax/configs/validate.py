@@ -186,6 +186,12 @@ def _check_omniopd(c: _Checker):
   c.non_negative("omniopd.alpha")
   c.non_negative("omniopd.beta")
   c.choice("omniopd.weight_form", posterior.WEIGHT_FORMS)
+  c.choice("omniopd.token_credit", posterior.TOKEN_CREDITS)
+  if c.value("omniopd.token_credit") != "none" and c.value("omniopd.weight_form") == "group":
+    c.problems.append(
+      "omniopd.token_credit works with weight_form 'pi_hat' or 'centered', not 'group'; "
+      "set omniopd.token_credit=none for the group form"
+    )
   c.choice("omniopd.fork_method", forks.METHODS)
   c.choice("omniopd.reduction", losses.REDUCTIONS)
   c.non_negative("omniopd.norm_constant")

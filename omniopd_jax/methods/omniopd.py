@@ -31,6 +31,10 @@ class OmniOPDBatch:
   fork_starts: Any  # [B, M] int32 chunk starts (response positions)
   fork_mask: Any  # [B, M] bool audited chunks (>= 1 teacher sample came back)
   fork_weight: Any  # [B, M] float32 chunk weight w_c (pi_hat; centred on device if asked)
+  # omniopd.token_credit != "none": each chunk token's own weight and whether any teacher sample
+  # speaks for it ([B, M, C] float32 / bool); these replace fork_weight in the loss.
+  fork_token_weight: Any = None
+  fork_token_mask: Any = None
 
 
 # ----------------------------------------------------------------------------- host: collection
@@ -221,15 +225,20 @@ class InFlight:
     asked = len(self.req) * o.num_teacher_samples
     sim_bm, pi_bar_bm, draft_s = self._similarities_and_prior(sim, teacher_texts)
     # `centered` is finished on device (center_fork_weights), over the global batch.
+    credit = o.token_credit != "none"
     rewards = posterior.build_reward_arrays(
-      sim_bm, pi_bar_bm, alpha=o.alpha, form=o.weight_form, use_prior=o.use_prior
-    )
+      sim_bm, pi_bar_bm, alpha=o.alpha, form=o.weight_form, use_prior=o.use_prior,
+      token_credit=o.token_credit, chunk_len=o.chunk_len,
+      diverge=self.req.scatter(self._divergence(teacher_texts), fill_value=0) if credit else None,
+    )  # fmt: skip
     seq = base.pack(self.prompts, self.roll.tokens, self.roll.mask, ctx.config.max_prompt_len)
     batch = OmniOPDBatch(
       seq=seq,
       fork_starts=self.starts.astype(np.int32),
       fork_mask=rewards.mask,
       fork_weight=rewards.weight,
+      fork_token_weight=rewards.token_weight,
+      fork_token_mask=rewards.token_mask,
     )
     metrics = {
       **{k: float(v) for k, v in self.fork_stats.items()},
@@ -244,6 +253,19 @@ class InFlight:
                    teacher_span=max(self.arrivals) - self.arrivals[0])  # fmt: skip
     texts = self._samples(sim, teacher_texts, rewards, reasons)
     return base.Collected(batch, metrics, texts, timings, teacher_samples=(asked, len(reasons)))
+
+  def _divergence(self, teacher_texts) -> np.ndarray:
+    """[n, N] first chunk token of each fork that each teacher sample does not reproduce
+    (posterior.divergence_tokens), on the same text basis as the scored chunks."""
+    ctx, c, req = self.ctx, self.ctx.config.omniopd.chunk_len, self.req
+    lead = [""] * len(req) if uses_token_ids(ctx) else req.moved_whitespace
+    out = np.zeros((len(req), ctx.config.omniopd.num_teacher_samples), np.int32)
+    for i in range(len(req)):
+      ids = self.roll.tokens[req.row[i], req.start[i] : req.start[i] + c]
+      ends = [len(lead[i]) + len(ctx.tokenizer.decode(ids[: t + 1], skip_special_tokens=True))
+              for t in range(c)]  # fmt: skip
+      out[i] = posterior.divergence_tokens(self.student_texts[i], ends, teacher_texts[i])
+    return out
 
   def _similarities_and_prior(self, sim, teacher_texts):
     """(sim, pi_bar) scattered to [B, M(, K), N] / [B, M(, K)], and seconds scoring drafts."""
@@ -291,9 +313,9 @@ class InFlight:
 
 
 def chunk_token_weights(
-  starts, valid, weights, chunk_len: int, length: int
+  starts, valid, weights, chunk_len: int, length: int, token_weights=None, token_valid=None
 ) -> tuple[jax.Array, jax.Array]:
-  """Spreads per-chunk weights onto the tokens of each chunk.
+  """Spreads per-chunk weights (or each chunk token's own weight) onto the tokens of each chunk.
 
   Token s of row b is in chunk m when valid[b, m] and starts[b, m] <= s < starts[b, m] + C.
   `starts` index the same axis as the [B, length] output: if the loss's token axis also holds
@@ -302,6 +324,8 @@ def chunk_token_weights(
   Args:
     starts: [B, M] int; valid: [B, M] bool, the audited chunks (RewardArrays.mask);
     weights: [B, M] float chunk weights w_c; chunk_len: C; length: T (static).
+    token_weights, token_valid: [B, M, C] per chunk token (token credit), else None: token s of
+      chunk m then gets token_weights[b, m, s - start] and is audited only where token_valid.
 
   Returns:
     token_weight [B, T] float32 (w_c on chunk tokens, else 0) and audited_tokens [B, T] bool.
@@ -311,7 +335,12 @@ def chunk_token_weights(
   in_chunk = (
     jnp.asarray(valid, bool)[..., None] & (pos >= starts) & (pos < starts + chunk_len)
   )  # [B, M, T]
-  weights = jnp.asarray(weights, jnp.float32)[..., None]  # [B, M, 1]
+  if token_weights is None:
+    weights = jnp.asarray(weights, jnp.float32)[..., None]  # [B, M, 1]
+  else:
+    offset = jnp.clip(pos - starts, 0, chunk_len - 1)  # [B, M, T] token index inside the chunk
+    weights = jnp.take_along_axis(jnp.asarray(token_weights, jnp.float32), offset, axis=2)
+    in_chunk = in_chunk & jnp.take_along_axis(jnp.asarray(token_valid, bool), offset, axis=2)
   return jnp.where(in_chunk, weights, 0.0).sum(axis=1), in_chunk.any(axis=1)
 
 
@@ -372,8 +401,9 @@ def loss(config, logits, batch: OmniOPDBatch, base_logits=None, teacher_logits=N
   o, seq = config.omniopd, batch.seq
   length = seq.response_tokens.shape[1]
   token_weight, audited = chunk_token_weights(
-    batch.fork_starts, batch.fork_mask, batch.fork_weight, o.chunk_len, length
-  )  # [B, L] each
+    batch.fork_starts, batch.fork_mask, batch.fork_weight, o.chunk_len, length,
+    batch.fork_token_weight, batch.fork_token_mask,
+  )  # [B, L] each  # fmt: skip
   return omniopd_loss(
     logits, base_logits, seq.response_tokens, seq.response_mask, token_weight, audited,
     beta=o.beta, reduction=o.reduction, norm_constant=o.norm_constant or length,
@@ -382,13 +412,19 @@ def loss(config, logits, batch: OmniOPDBatch, base_logits=None, teacher_logits=N
 
 
 def center_fork_weights(config, batch: OmniOPDBatch) -> OmniOPDBatch:
-  """weight_form=centered: pi_hat minus its mean over the audited forks of the global batch.
+  """weight_form=centered: pi_hat minus its mean over the audited forks of the global batch
+  (with token credit: each token's pi_hat minus the mean over the audited chunk tokens).
 
   The one place the centred weight is computed: on device, so that every process and
   micro-batch sees the same (global) mean. Other weight forms pass through.
   """
   if config.omniopd.weight_form != "centered":
     return batch
+  if batch.fork_token_weight is not None:
+    mask = (batch.fork_token_mask & batch.fork_mask[..., None]).astype(jnp.float32)  # [B, M, C]
+    weight = batch.fork_token_weight.astype(jnp.float32)
+    mean = (weight * mask).sum() / jnp.maximum(mask.sum(), 1.0)
+    return batch.replace(fork_token_weight=(weight - mean) * mask)
   mask = batch.fork_mask.astype(jnp.float32)  # [B, M]
   weight = batch.fork_weight.astype(jnp.float32)  # [B, M] pi_hat
   mean = (weight * mask).sum() / jnp.maximum(mask.sum(), 1.0)
@@ -398,18 +434,24 @@ def center_fork_weights(config, batch: OmniOPDBatch) -> OmniOPDBatch:
 def token_fields(config, batch: OmniOPDBatch) -> dict:
   """Per-token inputs of a packed update (methods/packing.py), numpy: each chunk's weight on its
   tokens [B, L] (not yet centred), the audited tokens [B, L], and per row [B] the sum and count
-  of its audited forks' weights (what centring averages, counted once per row on device)."""
+  of what centring averages (its audited forks' weights; with token credit its audited chunk
+  tokens' weights), counted once per row on device."""
   length = batch.seq.response_tokens.shape[1]
   starts, valid = np.asarray(batch.fork_starts), np.asarray(batch.fork_mask, bool)
   weight = np.asarray(batch.fork_weight, np.float32)
   token_weight, audited = chunk_token_weights(
-    starts, valid, weight, config.omniopd.chunk_len, length
-  )  # [B, L] each
+    starts, valid, weight, config.omniopd.chunk_len, length,
+    batch.fork_token_weight, batch.fork_token_mask,
+  )  # [B, L] each  # fmt: skip
+  if batch.fork_token_weight is not None:  # sums over [M, C]
+    valid = np.asarray(batch.fork_token_mask, bool) & valid[..., None]
+    weight = np.asarray(batch.fork_token_weight, np.float32)
+  rows = tuple(range(1, valid.ndim))
   return {
     "token_weight": np.asarray(token_weight),
     "audited": np.asarray(audited),
-    "fork_weight_sum": np.where(valid, weight, 0.0).sum(1).astype(np.float32),  # [B]
-    "fork_count": valid.sum(1).astype(np.float32),  # [B]
+    "fork_weight_sum": np.where(valid, weight, 0.0).sum(rows).astype(np.float32),  # [B]
+    "fork_count": valid.sum(rows).astype(np.float32),  # [B]
   }
 
 
@@ -442,12 +484,15 @@ def needs_base(config) -> bool:
 
 
 def abstract_batch(config, rows: int, prompt_len: int, length: int) -> OmniOPDBatch:
-  m, s = config.omniopd.num_forks, jax.ShapeDtypeStruct
+  o, s = config.omniopd, jax.ShapeDtypeStruct
+  m, credit = o.num_forks, o.get("token_credit", "none") != "none"
   return OmniOPDBatch(
     seq=base.abstract_sequences(rows, prompt_len, length),
     fork_starts=s((rows, m), jnp.int32),
     fork_mask=s((rows, m), jnp.bool_),
     fork_weight=s((rows, m), jnp.float32),
+    fork_token_weight=s((rows, m, o.chunk_len), jnp.float32) if credit else None,
+    fork_token_mask=s((rows, m, o.chunk_len), jnp.bool_) if credit else None,
   )
 
 

@@ -7,6 +7,9 @@ import dataclasses
 import numpy as np
 
 WEIGHT_FORMS = ("pi_hat", "centered", "group")
+# Credit inside a chunk (omniopd.token_credit): "none" gives every token the chunk's weight;
+# "prefix" and "decision" read where each teacher sample first differs from the student's chunk.
+TOKEN_CREDITS = ("none", "prefix", "decision")
 
 
 def soft_counts(sim: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -83,6 +86,59 @@ def dirichlet_posterior(k, n_valid, pi_bar, alpha: float) -> tuple[np.ndarray, n
   return np.clip(pi_hat, 0.0, 1.0).astype(np.float32), audited.copy()
 
 
+def divergence_tokens(student_text: str, token_ends, teacher_texts) -> np.ndarray:
+  """Per teacher sample, the first chunk token not inside its common prefix with the student.
+
+  Token t of the student's chunk covers characters [.., token_ends[t]) of `student_text`; it is
+  inside the common prefix with sample z when token_ends[t] <= len(common prefix of text and z).
+
+  Args:
+    student_text: the student's chunk as scored; token_ends: [C] non-decreasing character end of
+      each chunk token in it; teacher_texts: N samples (None = failed: C).
+
+  Returns:
+    [N] int32 in [0, C]: C when the sample reproduces the whole chunk.
+  """
+  ends = np.asarray(token_ends)
+  out = np.full(len(teacher_texts), len(ends), np.int32)
+  for j, z in enumerate(teacher_texts):
+    if z is not None:
+      common = 0
+      for a, b in zip(student_text, z):
+        if a != b:
+          break
+        common += 1
+      out[j] = np.searchsorted(ends, common, side="right")
+  return out
+
+
+def token_agreement(sim, diverge, chunk_len: int, mode: str) -> tuple[np.ndarray, np.ndarray]:
+  """Soft agreement counts per chunk token, from where each teacher sample leaves the chunk.
+
+  Sample j agrees with every token before its divergence point d_j (a_jt = 1). "prefix": the
+  tokens from d_j on get the chunk's phi_j. "decision": only token d_j itself gets phi_j (the
+  token where the student decided differently); the tokens after it follow from that decision,
+  so sample j says nothing about them (not counted). Failed samples (NaN phi) count nowhere.
+
+  Args:
+    sim: [..., N] phi of the chunk against each sample; diverge: [..., N] int from
+      divergence_tokens; chunk_len: C; mode: "prefix" | "decision".
+
+  Returns:
+    k [..., C] float32 and n_valid [..., C] int32 (what dirichlet_posterior takes, per token).
+  """
+  if mode not in TOKEN_CREDITS[1:]:
+    raise ValueError(f"token_agreement: mode must be one of {TOKEN_CREDITS[1:]}, got {mode!r}.")
+  sim = np.asarray(sim, np.float32)[..., None]  # [..., N, 1]
+  d = np.asarray(diverge)[..., None]  # [..., N, 1]
+  t = np.arange(chunk_len)  # [C]
+  phi = np.nan_to_num(sim, nan=0.0)
+  counted = ~np.isnan(sim) & ((t <= d) if mode == "decision" else (t >= 0))  # [..., N, C]
+  a = np.where(t < d, 1.0, phi)  # [..., N, C]
+  k = np.where(counted, a, 0.0).sum(axis=-2, dtype=np.float32)
+  return k, counted.sum(axis=-2).astype(np.int32)
+
+
 def _audited_mean(x: np.ndarray, audited: np.ndarray) -> float:
   return float(x[audited].mean()) if audited.any() else 0.0
 
@@ -128,10 +184,20 @@ class RewardArrays:
   n_valid: np.ndarray  # [B, M] int32 teacher samples that came back
   num_samples: int  # N asked per fork
   draft_pi_hat: np.ndarray | None = None  # [B, M, K] for form "group"
+  token_weight: np.ndarray | None = None  # [B, M, C] per-token weight (token_credit), else None
+  token_mask: np.ndarray | None = None  # [B, M, C] bool tokens some sample speaks for
 
 
 def build_reward_arrays(
-  sim, pi_bar, *, alpha: float = 1.0, form: str = "pi_hat", use_prior: bool = True
+  sim,
+  pi_bar,
+  *,
+  alpha: float = 1.0,
+  form: str = "pi_hat",
+  use_prior: bool = True,
+  token_credit: str = "none",
+  diverge=None,
+  chunk_len: int = 0,
 ) -> RewardArrays:
   """From similarities to the [B, M] weight and mask arrays.
 
@@ -143,6 +209,10 @@ def build_reward_arrays(
     alpha: prior strength (SPEC default 1.0).
     form: one of WEIGHT_FORMS.
     use_prior: False is the "no prior" ablation pi_hat = k / n_valid.
+    token_credit: "none", or "prefix" / "decision" (token_agreement): then each chunk token gets
+      its own posterior (k_t + alpha * pi_bar) / (n_t + alpha) in `token_weight` [B, M, C].
+    diverge: [B, M, N] int from divergence_tokens (any value where sim is NaN), and chunk_len:
+      C; token credit only.
   """
   sim = np.asarray(sim, np.float32)
   pi_bar = np.asarray(pi_bar, np.float32)
@@ -156,6 +226,17 @@ def build_reward_arrays(
   pi_hat, audited = dirichlet_posterior(k, n_valid, pi_bar, alpha if use_prior else 0.0)
   own = (lambda x: x[..., 0]) if group else (lambda x: x)
   weight = chunk_weights(own(pi_hat), own(audited), form, group_pi_hat=pi_hat if group else None)
+  token_weight = token_mask = None
+  if token_credit != "none":
+    if group or diverge is None or np.shape(diverge) != sim.shape or chunk_len < 1:
+      raise ValueError(
+        f"token_credit={token_credit!r} needs form 'pi_hat' or 'centered', diverge of shape "
+        f"{sim.shape} and chunk_len >= 1; got form {form!r}, diverge {np.shape(diverge)}, "
+        f"chunk_len {chunk_len}."
+      )
+    k_t, n_t = token_agreement(sim, diverge, chunk_len, token_credit)
+    pi_t, token_mask = dirichlet_posterior(k_t, n_t, pi_bar[..., None], alpha if use_prior else 0.0)
+    token_weight = np.where(token_mask, pi_t, 0.0).astype(np.float32)
   return RewardArrays(
     weight=weight,
     mask=own(audited).copy(),
@@ -165,6 +246,8 @@ def build_reward_arrays(
     n_valid=own(n_valid).copy(),
     num_samples=int(sim.shape[-1]),
     draft_pi_hat=pi_hat if group else None,
+    token_weight=token_weight,
+    token_mask=token_mask,
   )
 
 
@@ -199,6 +282,14 @@ def reward_metrics(rewards: RewardArrays, fork_valid=None, num_bins: int = 10) -
   counts, edges = np.histogram(rewards.pi_hat[audited], bins=num_bins, range=(0.0, 1.0))
   for lo, c in zip(edges[:-1], counts):
     metrics[f"omniopd/pi_hat_hist/{lo:.2f}"] = float(c) / max(int(audited.sum()), 1)
+  if rewards.token_mask is not None:  # token credit: how much of the audited chunks is spoken for
+    tokens = rewards.token_mask & audited[..., None]
+    metrics["omniopd/token_credit_frac"] = float(tokens.sum()) / max(
+      int(audited.sum()) * tokens.shape[-1], 1
+    )
+    metrics["omniopd/token_pi_hat_mean"] = (
+      float(rewards.token_weight[tokens].mean()) if tokens.any() else 0.0
+    )
   # The exact values too: the metrics writer turns an array into a TensorBoard histogram.
   metrics["omniopd/pi_hat"] = rewards.pi_hat[audited].astype(np.float32)  # [num_audited]
   return metrics
