@@ -64,6 +64,14 @@ VARIANTS = (
   Variant("omniopd-group", "omniopd", (("omniopd.weight_form", "group"),)),
   *(
     Variant(
+      f"omniopd-{credit}",
+      "omniopd",
+      (("omniopd.weight_form", "centered"), ("omniopd.token_credit", credit)),
+    )
+    for credit in ("prefix", "decision")
+  ),  # fmt: skip
+  *(
+    Variant(
       name, "omniopd", (("omniopd.weight_form", "centered"), *o), sweep=False, group="ablation"
     )  # fmt: skip
     for name, o in (
