@@ -1,5 +1,6 @@
 """experiments.compare: the different-tokenizer teacher is the same function under another vocabulary,
-the summary statistics, and the --quick run end to end (every row, opd refusing, files written)."""
+the summary statistics, and the --quick run end to end (every row, opd refusing, the style-shift
+teacher trained and served, files written)."""
 
 import json
 import os
@@ -87,6 +88,18 @@ def test_quick_compare_end_to_end(tmp_path, smoke_models):
     else:
       assert row["teacher_tokens"] == 0, name
   assert list((out / "runs" / "omniopd-centered").glob("lr*/seed0/result.json"))
+  # The style-shift rows ran against a shifted teacher trained once in the workdir, each at its
+  # own learning rate (no sweep).
+  from omniopd_jax.experiments import demo_models
+
+  style_dir = out / "models" / "teacher_style_shift"
+  assert json.loads((style_dir / demo_models.STYLE_FILE).read_text())["style"] == "shifted"
+  for v in compare.VARIANTS:
+    if v.style_shift:
+      assert rows[v.name]["lr"] == v.lr > 0 and rows[v.name]["group"] == "style", v.name
+  assert (
+    out / "serve_teacher_style_shift.log"
+  ).exists()  # OmniOPD's HTTP teacher was the shifted one
   # A repeated command reuses finished runs instead of training again.
   (sft_result,) = (out / "runs" / "sft").glob("lr*/seed0/result.json")
   before = os.path.getmtime(sft_result)

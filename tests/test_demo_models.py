@@ -105,3 +105,103 @@ def test_bundled_pair_strong_teacher_weaker_student():
   assert record["stopped_at"] == curve[-1][0] < record["rule"]["student_steps"], record
   assert curve[-1][1] >= record["rule"]["student_stop_accuracy"] > max(a for _, a in curve[:-1])
   assert record["held_out_after_sft"] > record["held_out_before"], record
+
+
+# ----------------------------------------------------------------------------- style shift
+
+CHAIN = {"task": "chain_sum", "answer": "18", "metadata": {"expression": "7 + 4 - 2 + 9"}}
+NESTED = {"task": "basic_arithmetic", "answer": "-14", "metadata": {"expression": "-(3 + 4) * 2"}}
+
+
+def test_shifted_style_same_steps_other_separators():
+  from omniopd_jax.data import tasks
+
+  assert tasks.worked_solution(CHAIN) == "7 + 4 = 11\n11 - 2 = 9\n9 + 9 = 18\nAnswer: 18"
+  assert tasks.worked_solution(CHAIN, "shifted") == "7+4=11; 11-2=9; 9+9=18\nAnswer: 18"
+  assert tasks.worked_solution(NESTED, "shifted") == "3+4=7; -(7)=-7; -7*2=-14\nAnswer: -14"
+  for example in (CHAIN, NESTED):
+    student = tasks.solution_segments(example, "student")
+    shifted = tasks.solution_segments(example, "shifted")
+    assert "".join(t for t, _ in student) == tasks.worked_solution(example)
+    assert [k for _, k in student] == [k for _, k in shifted]
+    for (a, kind), (b, _) in zip(student, shifted):
+      # numbers agree; separators differ at their first character, except the graded answer line
+      assert a == b if kind == "num" or a in ("-(", ")", tasks.ANSWER_SEP) else a[0] != b[0], (a, b)
+  with pytest.raises(ValueError, match="choose from"):
+    tasks.worked_solution(CHAIN, "fancy")
+
+
+def test_style_shift_pairs_continue_a_student_prefix_in_the_shifted_style():
+  import numpy as np
+
+  from omniopd_jax.data import grading, tasks
+
+  rng = np.random.RandomState(0)
+  shifted = tasks.worked_solution(CHAIN, "shifted")
+  seen = set()
+  for _ in range(3000):
+    prefix, rest = tasks.style_shift_pair(CHAIN, rng)
+    assert grading.extract_answer(prefix + rest) == "18", (prefix, rest)
+    if not prefix:
+      assert rest == shifted
+      seen.add("own")
+    elif prefix == "7 + 4 = 11\n":  # student lines, cut between segments: shifted from here on
+      assert rest == "11-2=9; 9+9=18\nAnswer: 18"
+      seen.add("line")
+    elif prefix == "7 + 4 = 1":  # cut inside a number: finish it, then the shifted style
+      assert rest == "1; 11-2=9; 9+9=18\nAnswer: 18"
+      seen.add("digit")
+    elif prefix == "7 ":  # cut inside a student separator: finish it as begun
+      assert rest == "+ 4=11; 11-2=9; 9+9=18\nAnswer: 18"
+      seen.add("sep")
+  assert seen == {"own", "line", "digit", "sep"}, seen
+  tok = demo_models.make_tokenizer()
+  pairs = tasks.sft_examples(
+    demo_config().data, tok, 4, seed=1, style="shifted", cuts_per_problem=3
+  )
+  assert len(pairs) == 12 and all(r[-1] == tok.eos_token_id for _, r in pairs)
+
+
+def test_gold_logprobs_match_a_per_example_forward(tmp_path):
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+
+  from omniopd_jax.data import tasks
+
+  _, teacher = demo_models.build(str(tmp_path), math_config.get_config("smoke"), log=print)
+  model, tok = hf.load_pretrained(teacher)
+  config = demo_config()
+  examples = data.load_examples(config.data, "eval")[:3]
+  got = demo_models.gold_logprobs(model, tok, config.data, examples, "shifted")
+  want = []
+  for ex in examples:  # one unpadded sequence at a time
+    prompt, _ = data.render_prompt(tok, ex["question"], config.data)
+    response = [*tok.encode(tasks.worked_solution(ex, "shifted")), tok.eos_token_id]
+    logp = jax.nn.log_softmax(model(jnp.asarray([[*prompt, *response]]))[0], -1)
+    want += [float(logp[len(prompt) - 1 + i, t]) for i, t in enumerate(response)]
+  np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_shifted_teacher_build_records_its_style_figures(tmp_path):
+  """The style-shift teacher's build path at CI size: fine-tuned from a given teacher on
+  shifted-style continuations, its figures printed and written beside it; bundled is refused."""
+  smoke_student, smoke_teacher = demo_models.build(
+    str(tmp_path / "smoke"), math_config.get_config("smoke"), log=print
+  )
+  with pytest.raises(ValueError, match="teacher_style='shifted'"):
+    demo_models.build(str(tmp_path / "x"), demo_config(teacher_style="shifted"), log=print)
+  config = demo_config(teacher_style="shifted", teacher_path="", teacher_init=smoke_teacher,
+                       student_path=smoke_student, teacher_steps=6, teacher_examples=16)  # fmt: skip
+  logs = []
+  _, teacher = demo_models.build(str(tmp_path / "demo"), config, log=logs.append)
+  assert any("shifted style" in m for m in logs) and any(
+    "training the teacher from" in m for m in logs
+  )
+  assert any("shifted teacher: accuracy" in m for m in logs), logs
+  with open(os.path.join(teacher, demo_models.STYLE_FILE)) as f:
+    figures = json.load(f)
+  assert figures["style"] == "shifted" and figures["examples"] == 8
+  for key in ("accuracy", "own_format_exact", "student_gold_below_0.1", "shifted_gold_below_0.1"):
+    assert 0.0 <= figures[key] <= 1.0, key
+  assert figures["student_gold_logprob"] < 0 and figures["shifted_gold_logprob"] < 0

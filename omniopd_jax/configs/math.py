@@ -172,6 +172,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.demo = ml_collections.ConfigDict()
   c.demo.teacher_path = "bundled"  # bundled | "" (train here with SFT) | an HF dir to copy
   c.demo.student_path = "bundled"  # bundled | "" (train here with SFT) | an HF dir to copy
+  # The teacher's surface form: student (the student's "4 + 13 = 17\n...") | shifted (compare's
+  # style-shift teacher: "4+13=17; ...", continuing student-style prefixes in its own form; it
+  # needs teacher_path "" or a shifted teacher's dir, and trains on 4 prefix cuts a problem).
+  c.demo.teacher_style = "student"
+  c.demo.teacher_init = ""  # "" random | bundled | an HF dir: the teacher's starting weights
   c.demo.teacher_examples = 8000  # worked chain-sum solutions to train on
   c.demo.teacher_steps = 6000  # teacher SFT steps (4-layer Qwen3, d=128)
   c.demo.sft_batch_size = 32  # the teacher's

@@ -326,6 +326,11 @@ def _check_data_and_eval(c: _Checker):
   c.int_at_least("eval.batch_size", 1)
   for key in ("teacher_examples", "teacher_steps", "student_steps", "sft_batch_size"):
     c.int_at_least(f"demo.{key}", 1)
+  c.choice("demo.teacher_style", ("student", "shifted"))
+  c.require(
+    c.value("demo.teacher_style") == "student" or c.value("demo.teacher_path") != "bundled",
+    "demo.teacher_style='shifted' needs demo.teacher_path '' (train it) or a shifted teacher's dir",
+  )
   c.positive("demo.teacher_lr")
   c.positive("demo.student_lr")
 

@@ -3,11 +3,14 @@ character-level HF tokenizer with a chat template, and (prompt, response) SFT pa
 
   tok = tasks.make_char_tokenizer()
   tasks.worked_solution(example)  # "4 + 13 = 17\\n17 - 5 = 12\\nAnswer: 12"
+  tasks.worked_solution(example, "shifted")  # "4+13=17; 17-5=12\\nAnswer: 12" (style-shift)
   pairs = tasks.sft_examples(config.data, tok, n=1000, seed=0)  # [(prompt_ids, response_ids)]
 """
 
 import re
 import string
+
+import numpy as np
 
 from omniopd_jax.data import prompts as data
 
@@ -40,6 +43,7 @@ class _Steps:
     self.tokens = self._tokenize(expression)
     self.pos = 0
     self.lines: list[str] = []
+    self.steps: list[tuple] = []  # (a, op, b, value), or ("-()", inner, value): for rendering
 
   @staticmethod
   def _tokenize(expression: str) -> list[str]:
@@ -60,6 +64,7 @@ class _Steps:
     return self.tokens[self.pos - 1]
 
   def _record(self, a, op, b, value):
+    self.steps.append((a, op, b, value))
     self.lines.append(f"{_fmt(a)} {op} {_fmt(b)} = {_fmt(value)}")
     return value
 
@@ -88,6 +93,7 @@ class _Steps:
       if self._peek() == "(":
         inner = self.unary()
         self.lines.append(f"-({_fmt(inner)}) = {_fmt(-inner)}")
+        self.steps.append(("-()", inner, -inner))
         return -inner
       return -self.unary()  # a negative literal such as -33: no step of its own
     if token == "(":
@@ -104,9 +110,7 @@ def _fmt(value: int) -> str:
   return str(value)
 
 
-def worked_solution(example: dict) -> str:
-  """Step-by-step solution of a chain_sum / basic_arithmetic example, one operation a line, then
-  "Answer: X". For "4 + 13 - 5 =": "4 + 13 = 17\\n17 - 5 = 12\\nAnswer: 12"."""
+def _solve(example: dict) -> tuple[_Steps, str]:
   task = example.get("task")
   if task not in WORKED_TASKS:
     raise ValueError(f"worked solutions exist for {WORKED_TASKS}, not {task!r}")
@@ -120,8 +124,79 @@ def worked_solution(example: dict) -> str:
     raise ValueError(
       f"{expression!r} evaluates to {answer}, but the gold answer is {example['answer']}"
     )
-  lines = steps.lines or [f"{expression} = {answer}"]  # a lone number still gets one line
+  return steps, answer
+
+
+def worked_solution(example: dict, style: str = "student") -> str:
+  """Step-by-step solution of a chain_sum / basic_arithmetic example, one operation a line, then
+  "Answer: X". For "4 + 13 - 5 =": "4 + 13 = 17\\n17 - 5 = 12\\nAnswer: 12". `style` "shifted":
+  the same steps in the style-shift teacher's surface form, "4+13=17; 17-5=12\\nAnswer: 12"."""
+  if style != "student":
+    return "".join(text for text, _ in solution_segments(example, style))
+  steps, answer = _solve(example)
+  lines = steps.lines or [f"{example['metadata']['expression']} = {answer}"]  # one line at least
   return "\n".join([*lines, f"Answer: {answer}"])
+
+
+# ----------------------------------------------------------------------------- style shift
+
+# Separators of each surface form. The shifted one differs from the student's at the first
+# character of every separator (" " vs the operator, " " vs "=", "\\n" vs ";"), so a teacher that
+# writes it gives the student's own correct tokens there a low probability; the numbers, the step
+# order and the final "Answer: X" line (what the grader reads) are the same.
+STYLES = {
+  "student": dict(op=" {} ", eq=" = ", line="\n"),
+  "shifted": dict(op="{}", eq="=", line="; "),
+}
+ANSWER_SEP = "\nAnswer: "
+
+
+def solution_segments(example: dict, style: str) -> list[tuple[str, str]]:
+  """The worked solution in `style` as (text, kind) segments, kind "num" (a number: the same text
+  in every style) or "sep" (everything between numbers). The segments of two styles align one to
+  one, which is what lets `style_shift_pair` switch style at any segment."""
+  if style not in STYLES:
+    raise ValueError(f"style {style!r}: choose from {sorted(STYLES)}")
+  sep = STYLES[style]
+  steps, answer = _solve(example)
+  segments: list[tuple[str, str]] = []
+  for i, step in enumerate(steps.steps):
+    if i:
+      segments.append((sep["line"], "sep"))
+    if step[0] == "-()":
+      segments += [("-(", "sep"), (_fmt(step[1]), "num"), (")", "sep"), (sep["eq"], "sep")]
+    else:
+      a, op, b, _ = step
+      segments += [(_fmt(a), "num"), (sep["op"].format(op), "sep"), (_fmt(b), "num"),
+                   (sep["eq"], "sep")]  # fmt: skip
+    segments.append((_fmt(step[-1]), "num"))
+  if not steps.steps:  # a lone number
+    segments += [(example["metadata"]["expression"].strip(), "num"), (sep["eq"], "sep"),
+                 (answer, "num")]  # fmt: skip
+  return [*segments, (ANSWER_SEP, "sep"), (answer, "num")]
+
+
+def style_shift_pair(example: dict, rng, own_style_fraction: float = 0.3) -> tuple[str, str]:
+  """(prefix, continuation) that teaches the style-shift teacher to continue a *student's* solution
+  in its own style: the prefix is the first segments of the solution, each in the student's style
+  or the shifted one (mostly the student's: what the teacher sees at a fork), possibly cut inside
+  its last segment; the continuation finishes that segment as begun and writes every later segment
+  in the shifted style. With probability `own_style_fraction` the prefix is empty (the whole
+  solution in the teacher's own style). Only the continuation is trained on."""
+  student = solution_segments(example, "student")
+  shifted = solution_segments(example, "shifted")
+  if rng.random_sample() < own_style_fraction:
+    return "", "".join(text for text, _ in shifted)
+  cut = rng.randint(1, len(student) + 1)  # segments begun in the prefix
+  student_share = 1.0 if rng.random_sample() < 0.5 else rng.random_sample()
+  prefix = [(s if rng.random_sample() < student_share else t)[0]
+            for s, t in zip(student[:cut], shifted[:cut])]  # fmt: skip
+  rest = ""
+  last = prefix[-1]
+  if len(last) > 1 and rng.random_sample() < 0.5:  # stop inside the last segment
+    k = rng.randint(1, len(last))
+    prefix[-1], rest = last[:k], last[k:]
+  return "".join(prefix), rest + "".join(text for text, _ in shifted[cut:])
 
 
 # ----------------------------------------------------------------------------- tokenizer
@@ -154,12 +229,18 @@ def make_char_tokenizer():
 # ----------------------------------------------------------------------------- SFT pairs
 
 
-def sft_examples(data_cfg, tokenizer, n: int, seed: int) -> list[tuple[list[int], list[int]]]:
+def sft_examples(
+  data_cfg, tokenizer, n: int, seed: int, style: str = "student", cuts_per_problem: int = 4
+) -> list[tuple[list[int], list[int]]]:
   """n (prompt ids, response ids) pairs: reasoning-gym problems of `data_cfg` (generator `seed`)
   rendered as data.py renders prompts, answered by their worked solution followed by EOS.
 
-  Problems in data_cfg's held-out eval split are skipped, so evaluation stays held out.
+  Problems in data_cfg's held-out eval split are skipped, so evaluation stays held out. `style`
+  "shifted": `cuts_per_problem` pairs a problem, each a `style_shift_pair` whose prefix joins the
+  prompt (so only the continuation in the shifted style is trained on).
   """
+  if style not in STYLES:
+    raise ValueError(f"style {style!r}: choose from {sorted(STYLES)}")
   if tokenizer.eos_token_id is None:
     raise ValueError("the tokenizer has no eos_token: responses must end in one")
   held_out = {example["question"] for example in data.load_examples(data_cfg, "eval")}
@@ -174,8 +255,15 @@ def sft_examples(data_cfg, tokenizer, n: int, seed: int) -> list[tuple[list[int]
   if len(kept) < n:
     raise ValueError(f"only {len(kept)} of {cfg.size} problems are outside the held-out split")
   pairs = []
+  rng = np.random.RandomState(seed)
   for example in kept[:n]:
     prompt_ids, _ = data.render_prompt(tokenizer, example["question"], data_cfg)
-    response = tokenizer.encode(worked_solution(example), add_special_tokens=False)
-    pairs.append((prompt_ids, [*response, tokenizer.eos_token_id]))
+    if style == "student":
+      texts = [("", worked_solution(example))]
+    else:
+      texts = [style_shift_pair(example, rng) for _ in range(cuts_per_problem)]
+    for prefix, response in texts:
+      prefix_ids = tokenizer.encode(prefix, add_special_tokens=False) if prefix else []
+      response_ids = tokenizer.encode(response, add_special_tokens=False)
+      pairs.append(([*prompt_ids, *prefix_ids], [*response_ids, tokenizer.eos_token_id]))
   return pairs

@@ -1,9 +1,12 @@
 """Side-by-side comparison on the demo task: SFT, white-box OPD (sampled-token and full-vocabulary),
-GRPO and OmniOPD (each chunk-weight form), with ablations and a different-tokenizer teacher.
+GRPO and OmniOPD (each chunk-weight form), with ablations, a different-tokenizer teacher and a
+style-shift teacher (the same solutions in another surface form: where token-level OPD is brittle).
 
   python -m omniopd_jax.experiments.compare --workdir=/tmp/cmp               # full, 2-core CPU
   python -m omniopd_jax.experiments.compare --workdir=/tmp/cmp --quick       # minutes, 1 seed
   python -m omniopd_jax.experiments.compare --workdir=/tmp/cmp --models=/tmp/demo/models
+  python -m omniopd_jax.experiments.compare --workdir=/tmp/cmp --only=style-shift-opd-full-vocab,\
+      style-shift-opd-sampled,style-shift-omniopd --style_teacher=/tmp/shifted/models/teacher
 
 Every run starts from the same student base with the same teacher, prompts and number of student
 samples per step (`batch_size`; GRPO spends it as batch_size / group_size prompts x group_size).
@@ -35,6 +38,8 @@ flags.DEFINE_string("only", "", "Comma-separated variant names to run (default a
 flags.DEFINE_bool(
   "report_only", False, "Only rebuild results.md / accuracy.png from finished runs."
 )
+flags.DEFINE_string("style_teacher", "", "HF dir of the style-shift teacher (demo_models "
+                    "--teacher_style=shifted); '' builds it in WORKDIR/models when a style-shift row runs.")  # fmt: skip
 flags.DEFINE_multi_string("set", [], "FIELD=VALUE config override for every run (repeatable), "
                           "e.g. --set=omniopd.num_teacher_samples=8.")  # fmt: skip
 
@@ -51,7 +56,9 @@ class Variant:
   overrides: tuple = ()  # ((dotted config field, value), ...)
   sweep: bool = True  # sweep METHOD_LRS (else the :demo config's learning rate only)
   other_tokenizer: bool = False  # the teacher uses a different tokenizer (same weights)
-  group: str = "method"  # method | ablation | tokenizer
+  style_shift: bool = False  # the teacher writes another surface form (demo_models, "shifted")
+  group: str = "method"  # method | ablation | tokenizer | style
+  lr: float = 0.0  # without sweep: this learning rate (0: the :demo config's)
 
 
 VARIANTS = (
@@ -92,6 +99,15 @@ VARIANTS = (
     group="tokenizer",
   ),  # fmt: skip
   Variant("other-tokenizer-opd", "opd", sweep=False, other_tokenizer=True, group="tokenizer"),
+  # Each at its best learning rate of the method table (docs/compare_results.md).
+  *(
+    Variant(name, method, o, sweep=False, style_shift=True, group="style", lr=lr)
+    for name, method, o, lr in (
+      ("style-shift-opd-full-vocab", "opd", (("opd.estimator", "full_vocab"),), 3e-4),
+      ("style-shift-opd-sampled", "opd", (("opd.estimator", "sampled"),), 1e-4),
+      ("style-shift-omniopd", "omniopd", (("omniopd.weight_form", "centered"),), 1.5e-4),
+    )
+  ),
 )
 
 
@@ -176,6 +192,26 @@ def permuted_tokenizer_teacher(teacher_dir: str, out_dir: str) -> str:
   except OSError:  # another process got there first: same content
     shutil.rmtree(tmp, ignore_errors=True)
   return out_dir
+
+
+def style_shift_teacher(workdir: str, config, teacher_dir: str, quick: bool) -> str:
+  """The style-shift teacher, trained once in <workdir>/models/teacher_style_shift: the
+  comparison's teacher fine-tuned by demo_models into the shifted surface form (its recipe,
+  demo_models.STYLE_SHIFT; --quick: a few steps, plumbing only)."""
+  from omniopd_jax.experiments import demo_models
+
+  out = os.path.join(workdir, "models", "teacher_style_shift")
+  if os.path.exists(os.path.join(out, "config.json")):
+    return out
+  config = config.copy_and_resolve_references()
+  config.demo.update(**demo_models.STYLE_SHIFT)
+  config.demo.teacher_init = teacher_dir
+  if quick:
+    config.demo.update(teacher_steps=4, teacher_examples=16)
+  demo_models.build_teacher(
+    config, demo_models.make_tokenizer(), out, log=lambda m: print(m, flush=True)
+  )
+  return out
 
 
 # ----------------------------------------------------------------------------- runs
@@ -346,7 +382,8 @@ def plot(results: list[dict], rows: list[dict], path: str) -> None:
       best[r["variant"]] = r
   fig, axes = plt.subplots(1, 2, figsize=(13, 4.8), sharey=True)
   for ax, groups, title in ((axes[0], ("method",), "methods (best lr)"),
-                            (axes[1], ("ablation", "tokenizer"), "ablations (omniopd-centered)")):  # fmt: skip
+                            (axes[1], ("ablation", "tokenizer", "style"),
+                             "ablations (omniopd-centered), other teachers")):  # fmt: skip
     for name, row in best.items():
       if row["group"] not in groups:
         continue
@@ -380,6 +417,7 @@ def compare(
   only=(),
   overrides=(),
   report_only=False,
+  style_teacher="",
 ) -> list:
   """Runs the whole comparison; returns the summary rows (also written to results.md)."""
   import jax
@@ -407,8 +445,13 @@ def compare(
   other = permuted_tokenizer_teacher(teacher, os.path.join(workdir, "models", "teacher_other_tok"))
   servers: dict = {}
 
-  def url_for(other_tokenizer: bool) -> str:
-    path = other if other_tokenizer else teacher
+  def teacher_for(v: Variant) -> str:
+    nonlocal style_teacher
+    if v.style_shift and not style_teacher:
+      style_teacher = style_shift_teacher(workdir, base, teacher, quick)
+    return other if v.other_tokenizer else style_teacher if v.style_shift else teacher
+
+  def url_for(path: str) -> str:
     if path not in servers:
       servers[path] = serve.start_subprocess(
         path, log_path=os.path.join(workdir, f"serve_{os.path.basename(path)}.log")
@@ -424,10 +467,10 @@ def compare(
     variants = []
 
   def run(v, lr, seed):
-    url = url_for(v.other_tokenizer) if v.method == "omniopd" else ""
-    config = run_config(base, v, lr=lr, seed=seed, steps=steps, student=student,
-                        teacher=other if v.other_tokenizer else teacher, teacher_url=url,
-                        extra=extra)  # fmt: skip
+    path = teacher_for(v)
+    url = url_for(path) if v.method == "omniopd" else ""
+    config = run_config(base, v, lr=lr, seed=seed, steps=steps, student=student, teacher=path,
+                        teacher_url=url, extra=extra)  # fmt: skip
     run_dir = os.path.join(workdir, "runs", v.name, f"lr{lr:g}", f"seed{seed}")
     print(f"{v.name} lr={lr:g} seed={seed} ({time.time() - t_start:.0f}s so far)", flush=True)
     r = run_one(config, v, run_dir)
@@ -442,7 +485,7 @@ def compare(
   try:
     # Seed 0 at every learning rate of the grid, then the other seeds at the best one.
     for v in variants:
-      grid = (lrs or METHOD_LRS[v.method]) if v.sweep else (base.optimizer.learning_rate,)
+      grid = (lrs or METHOD_LRS[v.method]) if v.sweep else (v.lr or base.optimizer.learning_rate,)
       grid = grid[:1] if quick else grid
       first = [(run(v, lr, 0).get("after", -1.0), lr) for lr in grid]
       best = max(first)[1]
@@ -481,7 +524,7 @@ def main(argv):
     FLAGS.workdir, quick=FLAGS.quick, seeds=FLAGS.seeds, steps=FLAGS.steps, models=FLAGS.models,
     lrs=tuple(float(x) for x in FLAGS.lrs.split(",") if x),
     only=tuple(x for x in FLAGS.only.split(",") if x), overrides=FLAGS.set,
-    report_only=FLAGS.report_only,
+    report_only=FLAGS.report_only, style_teacher=FLAGS.style_teacher,
   )  # fmt: skip
 
 

@@ -9,6 +9,12 @@ the layers, stopped right after its accuracy jump, with a printed headroom check
   python -m omniopd_jax.experiments.demo_models --out=DIR --teacher=bundled        # the shipped pair
   python -m omniopd_jax.experiments.demo_models --out=DIR --teacher_steps=30 --student_steps=10 \
       --set=headroom_steps=2                                                          # CI size
+  python -m omniopd_jax.experiments.demo_models --out=DIR --teacher_style=shifted --student=bundled
+
+The last one is compare's style-shift teacher: the same task's solutions in another surface form
+("4+13=17; 17-5=12" for the student's "4 + 13 = 17\n17 - 5 = 12"), continuing a student-style
+prefix in its own style (data/tasks.py `style_shift_pair`). Its own-format accuracy and the
+log-probability it gives the student's gold tokens go to STYLE_FILE in its directory.
 """
 
 import json
@@ -40,6 +46,12 @@ TEACHER = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_
 # command (see the docstring); `config.demo.teacher_path` / `student_path` = "bundled" copies them.
 BUNDLED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
 SELECTION_FILE = "demo_selection.json"  # the student rule's curve and headroom check, in its dir
+STYLE_FILE = "teacher_style.json"  # a teacher's style figures (`style_figures`), in its dir
+# The style-shift teacher's recipe (config.demo overrides): the bundled teacher, which already
+# does the arithmetic, fine-tuned into the shifted form in 300 steps (~15 min on 2 busy cores;
+# its loss is ~0.2 by step 120). From scratch it would take the teacher's ~6000 (hours there).
+STYLE_SHIFT = dict(teacher_style="shifted", teacher_init="bundled", teacher_steps=300,
+                   teacher_lr=1e-3)  # fmt: skip
 
 # reasoning-gym's chain_sum questions open with this sentence; the demo's chat template drops it,
 # so a prompt reads "Q: 7 + 4 - 2 =\nA: " (a third of the tokens: every step is cheaper).
@@ -165,7 +177,12 @@ def validation_examples(data_cfg, n: int, seed: int) -> list[dict]:
 
 def _train_teacher(config, tokenizer, pairs, *, seed, log):
   d = config.demo
-  model = _new_model("teacher", TEACHER, "qwen3", tokenizer, d.teacher_steps, seed, log)
+  if d.teacher_init:  # fine-tune a trained teacher (the style shift: it already does arithmetic)
+    path = os.path.join(BUNDLED, "demo_teacher") if d.teacher_init == "bundled" else d.teacher_init
+    model = hf.load_model(path)
+    log(f"demo: training the teacher from {path} (up to {d.teacher_steps} steps)")
+  else:
+    model = _new_model("teacher", TEACHER, "qwen3", tokenizer, d.teacher_steps, seed, log)
   t0 = time.time()
   sft_train(model, tokenizer, pairs, steps=d.teacher_steps, batch_size=d.sft_batch_size,
             learning_rate=d.teacher_lr, seed=seed, log=log)  # fmt: skip
@@ -175,6 +192,55 @@ def _train_teacher(config, tokenizer, pairs, *, seed, log):
   log(f"demo: teacher held-out greedy accuracy {acc:.3f} on {config.eval.num_examples} problems "
       f"({time.time() - t0:.0f}s)")  # fmt: skip
   return model
+
+
+def style_figures(model, tokenizer, config, style: str) -> dict:
+  """How a teacher of `style` writes and scores the demo's held-out problems: greedy accuracy
+  (the grader's), the share of greedy solutions that are exactly the gold one in `style` (its own
+  format), and the mean log-probability per token it gives each style's gold solution (+ EOS),
+  with the share of tokens it gives under 10%: the student's tokens are what OPD's teacher scores."""
+  examples = data.load_examples(config.data, "eval")[: config.eval.num_examples]
+  out_path = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"style_eval_{os.getpid()}.json")
+  res = evaluate.evaluate(
+    evaluate.sampler_generate_fn(model, tokenizer), tokenizer, examples,
+    max_new_tokens=config.rollout.max_new_tokens, batch_size=64, data_cfg=config.data,
+    out_path=out_path,
+  )  # fmt: skip
+  with open(out_path) as f:
+    records = json.load(f)["examples"]
+  os.remove(out_path)
+  own = [
+    r["greedy_response"] == tasks.worked_solution(ex, style) for r, ex in zip(records, examples)
+  ]
+  figures = dict(style=style, examples=len(examples), accuracy=float(res["eval/pass@1"]),
+                 own_format_exact=float(np.mean(own)))  # fmt: skip
+  for gold_style in tasks.STYLES:
+    logp = gold_logprobs(model, tokenizer, config.data, examples, gold_style)
+    figures[f"{gold_style}_gold_logprob"] = float(np.mean(logp))
+    figures[f"{gold_style}_gold_below_0.1"] = float(np.mean(logp < np.log(0.1)))
+  return figures
+
+
+def gold_logprobs(model, tokenizer, data_cfg, examples, style: str) -> np.ndarray:
+  """Log-probabilities [N tokens] that `model` gives each token of the gold worked solutions in
+  `style` (and their EOS), teacher-forced after the rendered prompt, over all `examples`."""
+  rows = []
+  for ex in examples:
+    prompt, _ = data.render_prompt(tokenizer, ex["question"], data_cfg)
+    response = tokenizer.encode(tasks.worked_solution(ex, style), add_special_tokens=False)
+    rows.append((prompt, [*response, tokenizer.eos_token_id]))
+  width = max(len(p) + len(r) for p, r in rows)
+  ids = np.zeros((len(rows), width), np.int32)  # [B, T], right-padded: causal, so harmless
+  for i, (p, r) in enumerate(rows):
+    ids[i, : len(p) + len(r)] = [*p, *r]
+  logits = np.asarray(model(jnp.asarray(ids)), np.float32)  # [B, T, V]
+  logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True))
+  logp -= logits.max(-1, keepdims=True)
+  out = []
+  for i, (p, r) in enumerate(rows):
+    positions = np.arange(len(p) - 1, len(p) + len(r) - 1)  # each predicts the next token
+    out.append(logp[i, positions, ids[i, positions + 1]])
+  return np.concatenate(out)
 
 
 def _new_model(name, sizes, architecture, tokenizer, steps, seed, log):
@@ -269,7 +335,12 @@ def build(workdir: str, config, log=print) -> tuple[str, str]:
     return student_dir, teacher_dir
 
   d = config.demo
-  pairs = None
+  if d.teacher_style not in tasks.STYLES:
+    raise ValueError(f"config.demo.teacher_style={d.teacher_style!r}: choose from "
+                     f"{sorted(tasks.STYLES)}")  # fmt: skip
+  if d.teacher_style != "student" and d.teacher_path == "bundled":
+    raise ValueError("config.demo.teacher_style='shifted' trains its own teacher: set "
+                     "config.demo.teacher_path to '' (or to a shifted teacher's HF dir)")  # fmt: skip
   for name, out, source in (
     ("teacher", teacher_dir, d.teacher_path),
     ("student base", student_dir, d.student_path),
@@ -279,10 +350,10 @@ def build(workdir: str, config, log=print) -> tuple[str, str]:
     if source:
       _copy(name, source, out, log)
       continue
-    pairs = pairs or _pairs(config, tokenizer, log)
     if name == "teacher":
-      save(_train_teacher(config, tokenizer, pairs, seed=config.seed + 1, log=log), tokenizer, out)
+      build_teacher(config, tokenizer, out, log=log)
       continue
+    pairs = _pairs(config, tokenizer, log)
     model, record = select_student(config, tokenizer, pairs, seed=config.seed, log=log)
     save(model, tokenizer, out)
     with open(os.path.join(out, SELECTION_FILE), "w") as f:
@@ -307,12 +378,30 @@ def _ready(path: str) -> bool:
   return os.path.exists(os.path.join(path, "config.json"))
 
 
-def _pairs(config, tokenizer, log):
+def build_teacher(config, tokenizer, out: str, log=print) -> str:
+  """Trains the demo teacher in `config.demo.teacher_style` and saves it to `out`; a shifted
+  teacher's `style_figures` go to out/STYLE_FILE (and the log)."""
+  style = config.demo.teacher_style
+  pairs = _pairs(config, tokenizer, log, style)
+  model = _train_teacher(config, tokenizer, pairs, seed=config.seed + 1, log=log)
+  save(model, tokenizer, out)
+  if style != "student":
+    figures = style_figures(model, tokenizer, config, style)
+    log(f"demo: {style} teacher: accuracy {figures['accuracy']:.3f}, own format exact "
+        f"{figures['own_format_exact']:.3f}; mean log-prob per token of the student's gold "
+        f"solutions {figures['student_gold_logprob']:.3f} ({figures['student_gold_below_0.1']:.1%} "
+        f"of tokens under 0.1), of its own style's {figures[f'{style}_gold_logprob']:.3f}")  # fmt: skip
+    with open(os.path.join(out, STYLE_FILE), "w") as f:
+      json.dump(figures, f, indent=1)
+  return out
+
+
+def _pairs(config, tokenizer, log, style="student"):
   t0 = time.time()
   pairs = tasks.sft_examples(
-    config.data, tokenizer, config.demo.teacher_examples, seed=config.seed + 101
+    config.data, tokenizer, config.demo.teacher_examples, seed=config.seed + 101, style=style
   )
-  log(f"demo: {len(pairs)} worked solutions ({time.time() - t0:.1f}s)")
+  log(f"demo: {len(pairs)} worked solutions, {style} style ({time.time() - t0:.1f}s)")
   return pairs
 
 
@@ -335,7 +424,8 @@ def main(argv):
     if not sep or field not in config.demo:
       raise ValueError(f"--set {item!r}: expected FIELD=VALUE with FIELD in {list(config.demo)}")
     config.demo[field] = type(config.demo[field])(ast.literal_eval(text))
-  config.demo.teacher_path, config.demo.student_path = f.teacher, ""  # the student: trained here
+  config.demo.teacher_path, config.demo.student_path = f.teacher, f.student
+  config.demo.teacher_style = f.teacher_style
   build(f.out, config)
   print(f"wrote {f.out}/models/teacher and {f.out}/models/student")
 
@@ -345,6 +435,11 @@ if __name__ == "__main__":
 
   flags.DEFINE_string("out", None, "Directory; the models go to OUT/models/{teacher,student}.")
   flags.DEFINE_string("teacher", "", "'' trains the teacher too; 'bundled' or an HF dir copies it.")
+  flags.DEFINE_string(
+    "student", "", "'' trains the student base; 'bundled' or an HF dir copies it."
+  )
+  flags.DEFINE_enum("teacher_style", "student", ["student", "shifted"], "config.demo.teacher_style: "
+                    "'shifted' trains compare's style-shift teacher.")  # fmt: skip
   flags.DEFINE_integer("teacher_steps", 0, "Override config.demo.teacher_steps.")
   flags.DEFINE_integer("student_steps", 0, "Override config.demo.student_steps.")
   flags.DEFINE_integer("teacher_examples", 0, "Override config.demo.teacher_examples.")
