@@ -59,6 +59,8 @@ def update_config(path: str, args):
     config.model.remat = args.remat
   if args.mlp_chunk is not None:
     config.model.mlp_chunk = args.mlp_chunk
+  if args.layer_chunk is not None:
+    config.model.layer_chunk = args.layer_chunk
   return config
 
 
@@ -87,6 +89,9 @@ def main():
   )  # fmt: skip
   parser.add_argument(
     "--mlp-chunk", type=int, default=None, help="model.mlp_chunk (default: the config's)"
+  )
+  parser.add_argument(
+    "--layer-chunk", type=int, default=None, help="model.layer_chunk (default: the config's)"
   )
   args = parser.parse_args()
   print(

@@ -5,13 +5,19 @@ of the sequence inside a `lax.scan`, each slice under `jax.checkpoint`, keeps on
 input for the backward pass and recomputes its [chunk, intermediate] activations there. Training
 memory for the MLP drops from O(T x intermediate) to O(chunk x intermediate) per layer, for one
 more forward of the MLP's matmuls. Values are the unchunked ones: each token sees the same math.
+models/lm.py chunks a whole layer after its keys and values the same way (scan_chunks), the
+chunk's queries attending over the whole sequence's keys.
 
 Weights read inside `fn` (closed over, in their stored dtype) get their gradients summed over the
 chunks in that dtype: float32 master weights cast to bfloat16 inside `fn` accumulate in float32.
 """
 
+import math
+
 import jax
 import jax.numpy as jnp
+
+ALIGN = 128  # chunks longer than this are rounded up to a multiple of it (aligned_chunk_layout)
 
 
 def chunk_layout(length: int, chunk: int) -> tuple[int, int]:
@@ -22,20 +28,55 @@ def chunk_layout(length: int, chunk: int) -> tuple[int, int]:
   return count, -(-length // count)
 
 
+def aligned_chunk_layout(length: int, chunk: int, block: int) -> tuple[int, int, int]:
+  """(chunks, tokens per chunk, attention block) for query chunks of about `chunk` tokens.
+
+  Chunk offsets must fall on attention block boundaries: a chunk longer than ALIGN tokens is
+  rounded up to a multiple of ALIGN, and the block is the largest divisor of the chunk length
+  that divides `block` too (8447 tokens in chunks of 1024: 9 chunks of 1024, blocks of 512).
+  """
+  count, size = chunk_layout(length, chunk)
+  if size > ALIGN:
+    size = -(-size // ALIGN) * ALIGN
+  return count, size, math.gcd(size, block)
+
+
+def pad_tokens(x: jax.Array, length: int, fill=0) -> jax.Array:
+  """x [B, T, ...] padded with `fill` along T to `length` tokens."""
+  pad = length - x.shape[1]
+  return jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2), constant_values=fill)
+
+
+def scan_chunks(fn, inputs, count: int, size: int) -> jax.Array:
+  """fn over `count` chunks of `size` tokens, rematerialised chunk by chunk -> [B, count*size, E'].
+
+  `inputs` is a tuple of [B, count * size, ...] arrays; `fn((chunk of each input...,
+  offset))` gets [B, size, ...] slices and the chunk's first token index (int32) and returns
+  [B, size, E']. Only the chunks' inputs are kept for the backward pass. Each chunk slices the
+  inputs in place (no stacked [count, B, size, ...] copy of them); their gradients are summed into
+  one [B, T, ...] buffer, slice by slice.
+  """
+  b = inputs[0].shape[0]
+  offsets = jnp.arange(count, dtype=jnp.int32) * size
+
+  def one(offset):
+    chunk = [jax.lax.dynamic_slice_in_dim(a, offset, size, axis=1) for a in inputs]
+    return fn((*chunk, offset))
+
+  body = jax.checkpoint(one)
+  _, ys = jax.lax.scan(lambda carry, offset: (carry, body(offset)), None, offsets)
+  return jnp.moveaxis(ys, 0, 1).reshape(b, count * size, *ys.shape[3:])  # [B, T', E']
+
+
 def map_token_chunks(fn, x: jax.Array, chunk: int) -> jax.Array:
   """fn over sequence chunks of x [B, T, E] -> [B, T, E'], rematerialised chunk by chunk.
 
   `fn` maps [B, c, E] -> [B, c, E'] token by token (no mixing along the sequence). `chunk` <= 0
   or >= T: one call of fn, unchanged. The last chunk is zero-padded; padded rows are dropped.
   """
-  b, t = x.shape[:2]
+  t = x.shape[1]
   count, size = chunk_layout(t, chunk)
   if count == 1:
     return fn(x)
-  pad = count * size - t
-  xs = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
-  xs = jnp.moveaxis(xs.reshape(b, count, size, *x.shape[2:]), 1, 0)  # [n, B, c, E]
-  body = jax.checkpoint(fn)
-  _, ys = jax.lax.scan(lambda carry, xc: (carry, body(xc)), None, xs)  # [n, B, c, E']
-  ys = jnp.moveaxis(ys, 0, 1).reshape(b, count * size, *ys.shape[3:])
+  ys = scan_chunks(lambda xs: fn(xs[0]), (pad_tokens(x, count * size),), count, size)
   return ys[:, :t]
