@@ -306,7 +306,12 @@ class DecoderLayer(nnx.Module):
     pad = lambda a, fill=0: token_chunks.pad_tokens(a, count * size, fill)
     x, positions = pad(x), pad(positions)
     segments = pad(segment_ids, -1)  # padded tokens: a segment of their own, dropped at the end
-    k, v = attn.keys_values(self.input_layernorm(x), positions, inv_freq)  # [B, T', KV, D]
+    # Rematerialised on its own: the normed input it projects is recomputed for the keys' and
+    # values' backward, not held while the chunks run theirs.
+    keys_values = jax.checkpoint(
+      lambda x: attn.keys_values(self.input_layernorm(x), positions, inv_freq)
+    )
+    k, v = keys_values(x)  # [B, T', KV, D]
     # Read in float32 by every chunk, so their gradients are summed over the chunks in float32.
     k32, v32 = k.astype(jnp.float32), v.astype(jnp.float32)
 
