@@ -306,20 +306,22 @@ class DecoderLayer(nnx.Module):
     pad = lambda a, fill=0: token_chunks.pad_tokens(a, count * size, fill)
     x, positions = pad(x), pad(positions)
     segments = pad(segment_ids, -1)  # padded tokens: a segment of their own, dropped at the end
-    # Rematerialised on its own: the normed input it projects is recomputed for the keys' and
-    # values' backward, not held while the chunks run theirs.
-    keys_values = jax.checkpoint(
-      lambda x: attn.keys_values(self.input_layernorm(x), positions, inv_freq)
-    )
-    k, v = keys_values(x)  # [B, T', KV, D]
-    # Read in float32 by every chunk, so their gradients are summed over the chunks in float32.
+
+    # Keys and values chunk by chunk too: the normed input they project is never whole.
+    def keys_values(xs):
+      x_c, pos_c, _ = xs
+      return attn.keys_values(self.input_layernorm(x_c), pos_c, inv_freq)
+
+    k, v = token_chunks.scan_chunks(keys_values, (x, positions), count, size)  # [B, T', KV, D]
+    # Read in float32 by every chunk (cast to the compute dtype block by block inside the
+    # attention), so their gradients are summed over the chunks in float32.
     k32, v32 = k.astype(jnp.float32), v.astype(jnp.float32)
 
     def one_chunk(xs):
       x_c, pos_c, seg_c, offset = xs  # [B, c, E], [B, c], [B, c], []
       q = attn.queries(self.input_layernorm(x_c), pos_c, inv_freq)  # [B, c, H, D]
       out = attention_ops.blockwise_chunk_attention(
-        q, k32.astype(k.dtype), v32.astype(v.dtype), seg_c, segments, offset,
+        q, k32, v32, seg_c, segments, offset,
         scale=attn.scale, block=block,
       )  # fmt: skip
       x_c = x_c + attn._out(out)

@@ -89,7 +89,8 @@ def blockwise_chunk_attention(q, k, v, q_segment_ids, segment_ids, q_offset, *, 
   """Blockwise attention of one query chunk over the whole sequence's keys.
 
   q [B, C, H, D] holds the queries at positions q_offset .. q_offset + C - 1 (q_segment_ids
-  [B, C]); k, v [B, T, KV, D] and segment_ids [B, T] the whole sequence. C, T and q_offset (an
+  [B, C]); k, v [B, T, KV, D] and segment_ids [B, T] the whole sequence. k and v may be kept in
+  float32 (their gradients then come back in float32): each key block is cast to q's dtype. C, T and q_offset (an
   int32 scalar, traced inside a scan over chunks) are multiples of `block`. Query blocks see the
   key blocks up to their own (causal by absolute position): the chunks of a sequence together
   compute exactly blockwise_attention. Gradients flow to k and v over every key (models/lm.py
@@ -118,10 +119,12 @@ def _blocks(x, n, blk, pad, fill=0):
   return jnp.moveaxis(x.reshape(x.shape[0], n, blk, *x.shape[2:]), 1, 0)
 
 
-def _key_block(x, j, blk):
-  """Key block j of x [B, T, ...] -> [B, blk, ...]. Keys stay in their [B, T, ...] layout (no
-  blocked copy of the whole sequence's keys and values)."""
-  return jax.lax.dynamic_slice_in_dim(x, j * blk, blk, axis=1)
+def _key_block(x, j, blk, dtype=None):
+  """Key block j of x [B, T, ...] -> [B, blk, ...], cast to `dtype` block by block. Keys stay in
+  their [B, T, ...] layout and dtype: no blocked or cast copy of the whole sequence's keys and
+  values (float32 ones, whose gradients then come back in float32, are cast per block)."""
+  block = jax.lax.dynamic_slice_in_dim(x, j * blk, blk, axis=1)
+  return block if dtype is None else block.astype(dtype)
 
 
 def _query_blocks(q, kv, n, blk, pad):
@@ -158,11 +161,12 @@ def _flash_forward(meta, qb, k, v, seg_qb, seg_k, q0):
 
     def step(j, carry):
       m, total, acc = carry  # [B, KV, G, blk] x 2, [B, KV, G, blk, D]: running max, sum, output
-      s, mask = _scores(meta, qi, _key_block(k, j, blk), at, j, seg_q, _key_block(seg_k, j, blk))
+      kj, vj = _key_block(k, j, blk, qb.dtype), _key_block(v, j, blk, qb.dtype)
+      s, mask = _scores(meta, qi, kj, at, j, seg_q, _key_block(seg_k, j, blk))
       m_new = jnp.maximum(m, s.max(-1))
       p = jnp.where(mask, jnp.exp(s - m_new[..., None]), 0.0)
       corr = jnp.exp(m - m_new)
-      pv = jnp.einsum("bkgqs,bskd->bkgqd", p.astype(v.dtype), _key_block(v, j, blk),
+      pv = jnp.einsum("bkgqs,bskd->bkgqd", p.astype(qb.dtype), vj,
                       preferred_element_type=jnp.float32)  # fmt: skip
       return m_new, total * corr + p.sum(-1), acc * corr[..., None] + pv
 
@@ -193,13 +197,13 @@ def _flash_bwd(meta, res, d_out):
   qb, k, v, seg_qb, seg_k, q0, out, lse = res
   scale, blk = meta
   nq, nk = qb.shape[0], k.shape[1] // blk
-  key = lambda x, j: _key_block(x, j, blk)
+  key = lambda x, j: _key_block(x, j, blk, qb.dtype)
   # delta_q = sum_d dO * O: the softmax backward's row term, [Nq, B, KV, G, blk].
   delta = jnp.moveaxis(jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), -1), 2, -1)
 
   def grads(i, j):
     """Recomputed probabilities and d scores of block (i, j), both [B, KV, G, blk, blk] f32."""
-    s, mask = _scores(meta, qb[i], key(k, j), q0 + i, j, seg_qb[i], key(seg_k, j))
+    s, mask = _scores(meta, qb[i], key(k, j), q0 + i, j, seg_qb[i], _key_block(seg_k, j, blk))
     p = jnp.where(mask, jnp.exp(s - lse[i][..., None]), 0.0)
     dp = jnp.einsum("bqkgd,bskd->bkgqs", d_out[i], key(v, j), preferred_element_type=jnp.float32)
     return p, p * (dp - delta[i][..., None])
@@ -207,7 +211,7 @@ def _flash_bwd(meta, res, d_out):
   def dq_block(i):
     def step(j, dq):
       _, ds = grads(i, j)
-      return dq + jnp.einsum("bkgqs,bskd->bqkgd", ds.astype(k.dtype), key(k, j),
+      return dq + jnp.einsum("bkgqs,bskd->bqkgd", ds.astype(qb.dtype), key(k, j),
                              preferred_element_type=jnp.float32)  # fmt: skip
 
     zero = jnp.zeros(qb.shape[1:], jnp.float32)
@@ -231,9 +235,16 @@ def _flash_bwd(meta, res, d_out):
     return dk * scale, dv
 
   dq = jax.lax.map(dq_block, jnp.arange(nq)).astype(qb.dtype)
-  dk, dv = jax.lax.map(dkv_block, jnp.arange(nk))  # [Nk, B, blk, KV, D]
-  unblock = lambda x, like: jnp.moveaxis(x, 0, 1).reshape(like.shape).astype(like.dtype)
-  return dq, unblock(dk, k), unblock(dv, v), None, None, None
+
+  def dkv_into(j, carry):  # key block j's gradients written in place into [B, T, KV, D]
+    at = lambda acc, x: jax.lax.dynamic_update_slice_in_dim(acc, x, j * blk, axis=1)
+    dk_j, dv_j = dkv_block(j)
+    return at(carry[0], dk_j), at(carry[1], dv_j)
+
+  zero = jnp.zeros(k.shape, jnp.float32)
+  # Key blocks past the last query block get no gradient (a chunk's later keys): left at 0.
+  dk, dv = jax.lax.fori_loop(0, jnp.minimum(q0 + nq, nk), dkv_into, (zero, zero))
+  return dq, dk.astype(k.dtype), dv.astype(v.dtype), None, None, None
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)

@@ -47,12 +47,12 @@ def pad_tokens(x: jax.Array, length: int, fill=0) -> jax.Array:
   return jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2), constant_values=fill)
 
 
-def scan_chunks(fn, inputs, count: int, size: int) -> jax.Array:
+def scan_chunks(fn, inputs, count: int, size: int):
   """fn over `count` chunks of `size` tokens, rematerialised chunk by chunk -> [B, count*size, E'].
 
   `inputs` is a tuple of [B, count * size, ...] arrays; `fn((chunk of each input...,
   offset))` gets [B, size, ...] slices and the chunk's first token index (int32) and returns
-  [B, size, E']. Only the chunks' inputs are kept for the backward pass. Each chunk slices the
+  [B, size, E'] (or a tuple of such arrays: the result is then a tuple too). Only the chunks' inputs are kept for the backward pass. Each chunk slices the
   inputs in place (no stacked [count, B, size, ...] copy of them); their gradients are summed into
   one [B, T, ...] buffer, slice by slice.
   """
@@ -64,8 +64,18 @@ def scan_chunks(fn, inputs, count: int, size: int) -> jax.Array:
     return fn((*chunk, offset))
 
   body = jax.checkpoint(one)
-  _, ys = jax.lax.scan(lambda carry, offset: (carry, body(offset)), None, offsets)
-  return jnp.moveaxis(ys, 0, 1).reshape(b, count * size, *ys.shape[3:])  # [B, T', E']
+
+  def step(out, offset):
+    # Each chunk's output written in place into the [B, T', E'] result carried by the scan
+    # (outside the checkpoint: a write saves nothing for the backward pass), so the result's
+    # gradient is read chunk by chunk from one buffer, never restacked as [count, B, size, E'].
+    put = lambda o, y: jax.lax.dynamic_update_slice_in_dim(o, y, offset, axis=1)
+    return jax.tree.map(put, out, body(offset)), None
+
+  shapes = jax.eval_shape(one, offsets[0])
+  zeros = jax.tree.map(lambda y: jnp.zeros((b, count * size, *y.shape[2:]), y.dtype), shapes)
+  out, _ = jax.lax.scan(step, zeros, offsets)
+  return out  # [B, T', E'] (each output of fn)
 
 
 def map_token_chunks(fn, x: jax.Array, chunk: int) -> jax.Array:
