@@ -144,3 +144,25 @@ def _assert_same(got, ref, mask):
     r = np.asarray(r)  # float32 sums in another order: 1e-5 of the tensor's scale
     np.testing.assert_allclose(np.asarray(g), r, rtol=1e-5, atol=1e-5 * np.abs(r).max())
   assert any(float(jnp.abs(g).max()) > 0 for g in jax.tree.leaves(grads))
+
+
+def test_planner_counts_one_chunked_layer():
+  # tools.plan: with layer_chunk (blockwise attention, remat full) one layer's live set is the
+  # whole sequence's input, gradients, keys and values plus one chunk's activations, not every
+  # token's activations; without it (or with dense attention) nothing changes.
+  from omniopd_jax.configs import math as math_config
+  from omniopd_jax.tools import plan
+
+  config = math_config.get_config("default")
+  config.model.attention = "blockwise"
+  cfg = plan.model_config(config, preset="qwen3-1.7b")
+  mesh = dict(data=1, fsdp=8, tensor=1)
+  acts = lambda **model: plan.plan(_with(config, **model), cfg, mesh)["activations"]
+  assert acts(layer_chunk=256) < acts(layer_chunk=512) < acts(layer_chunk=0)
+  assert acts(layer_chunk=256, attention="dense") == acts(layer_chunk=0, attention="dense")
+
+
+def _with(config, **model):
+  config = config.copy_and_resolve_references()
+  config.model.update(**model)
+  return config

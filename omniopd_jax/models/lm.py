@@ -275,12 +275,15 @@ class DecoderLayer(nnx.Module):
 
   def __call__(self, x, positions, inv_freq, mask, cache=None, cache_index=None, chunks=(0, 0)):
     """`chunks` = (mlp_chunk, layer_chunk), training only (no cache). layer_chunk > 0 with
-    blockwise attention: everything after the keys and values runs over query chunks of about
-    that many tokens (chunked_layer); else mlp_chunk > 0: the norm + MLP run over sequence chunks
-    of that many tokens. Chunks are recomputed in the backward pass (ops/token_chunks)."""
+    blockwise attention: the layer runs over query chunks of about that many tokens
+    (token_chunks.decoder_layer_chunks); else mlp_chunk > 0: the norm + MLP run over sequence
+    chunks of that many tokens. Chunks are recomputed in the backward pass (ops/token_chunks)."""
     mlp_chunk, layer_chunk = chunks
     if cache is None and layer_chunk > 0 and _chunkable(mask):
-      return self.chunked_layer(x, positions, inv_freq, mask.segment_ids, layer_chunk), cache
+      y = token_chunks.decoder_layer_chunks(
+        self, x, positions, inv_freq, mask.segment_ids, layer_chunk
+      )
+      return y, cache
     h, cache = self.self_attn(
       self.input_layernorm(x), positions, inv_freq, mask, cache, cache_index
     )
@@ -289,46 +292,6 @@ class DecoderLayer(nnx.Module):
     if cache is None and mlp_chunk > 0:
       return x + token_chunks.map_token_chunks(mlp, x, mlp_chunk), cache
     return x + mlp(x), cache
-
-  def chunked_layer(self, x, positions, inv_freq, segment_ids, chunk):
-    """The layer with its token-wise part over query chunks (training; blockwise attention).
-
-    Keys and values [B, T, KV, D] are computed once for the whole sequence; then, chunk by chunk
-    in a rematerialised scan, the chunk's queries attend over them (causal by absolute position,
-    within segments), and the o-projection, residual, norm and MLP follow. Only the keys, the
-    values, their gradients (summed over the chunks in float32) and one chunk's activations are
-    live at once, never [T, E]-sized intermediates of the attention and MLP. Same values as the
-    unchunked layer: every token sees the same math.
-    """
-    attn = self.self_attn
-    t = x.shape[1]
-    count, size, block = token_chunks.aligned_chunk_layout(t, chunk, attention_ops.BLOCK)
-    pad = lambda a, fill=0: token_chunks.pad_tokens(a, count * size, fill)
-    x, positions = pad(x), pad(positions)
-    segments = pad(segment_ids, -1)  # padded tokens: a segment of their own, dropped at the end
-
-    # Keys and values chunk by chunk too: the normed input they project is never whole.
-    def keys_values(xs):
-      x_c, pos_c, _ = xs
-      return attn.keys_values(self.input_layernorm(x_c), pos_c, inv_freq)
-
-    k, v = token_chunks.scan_chunks(keys_values, (x, positions), count, size)  # [B, T', KV, D]
-    # Read in float32 by every chunk (cast to the compute dtype block by block inside the
-    # attention), so their gradients are summed over the chunks in float32.
-    k32, v32 = k.astype(jnp.float32), v.astype(jnp.float32)
-
-    def one_chunk(xs):
-      x_c, pos_c, seg_c, offset = xs  # [B, c, E], [B, c], [B, c], []
-      q = attn.queries(self.input_layernorm(x_c), pos_c, inv_freq)  # [B, c, H, D]
-      out = attention_ops.blockwise_chunk_attention(
-        q, k32, v32, seg_c, segments, offset,
-        scale=attn.scale, block=block,
-      )  # fmt: skip
-      x_c = x_c + attn._out(out)
-      return x_c + self.mlp(self.post_attention_layernorm(x_c))
-
-    y = token_chunks.scan_chunks(one_chunk, (x, positions, segments), count, size)
-    return y[:, :t]
 
 
 def _chunkable(mask) -> bool:
@@ -402,7 +365,7 @@ class CausalLM(nnx.Module):
     `mlp_chunk` > 0 (no cache): each layer's MLP runs over sequence chunks of that many tokens,
     rematerialised, so its [T, intermediate] activations are never all live (same values).
     `layer_chunk` > 0 (no cache, blockwise attention): each layer after its keys and values runs
-    over query chunks of about that many tokens (DecoderLayer.chunked_layer; same values); with
+    over query chunks of about that many tokens (token_chunks.decoder_layer_chunks); with
     another attention it is ignored and mlp_chunk applies.
 
     `remat` (no cache): what each layer saves for the backward pass, a REMAT_POLICIES name
@@ -470,10 +433,6 @@ class CausalLM(nnx.Module):
 
     def body(carry, per_layer):
       x, cache = carry
-      # A barrier between the layer's saved input and its first use: without it, XLA hoists the
-      # float32 upcast of every layer's saved input out of the backward scan, one float32 copy
-      # of the whole [L, B, T, E] stack (CPU, which upcasts bfloat16 arithmetic).
-      x = jax.lax.optimization_barrier(x)
       state, i = per_layer
       layer_cache = None if cache is None else cache.replace(layer=i)
       x, layer_cache = nnx.merge(graphdef, state)(

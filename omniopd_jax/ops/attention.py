@@ -90,11 +90,11 @@ def blockwise_chunk_attention(q, k, v, q_segment_ids, segment_ids, q_offset, *, 
 
   q [B, C, H, D] holds the queries at positions q_offset .. q_offset + C - 1 (q_segment_ids
   [B, C]); k, v [B, T, KV, D] and segment_ids [B, T] the whole sequence. k and v may be kept in
-  float32 (their gradients then come back in float32): each key block is cast to q's dtype. C, T and q_offset (an
-  int32 scalar, traced inside a scan over chunks) are multiples of `block`. Query blocks see the
-  key blocks up to their own (causal by absolute position): the chunks of a sequence together
-  compute exactly blockwise_attention. Gradients flow to k and v over every key (models/lm.py
-  sums them over the chunks).
+  float32 (their gradients then come back in float32): each key block is cast to q's dtype.
+  C, T and q_offset (an int32 scalar, traced inside a scan over chunks) are multiples of
+  `block`. Query blocks see the key blocks up to their own (causal by absolute position): the
+  chunks of a sequence together compute exactly blockwise_attention. Gradients flow to k and v
+  over every key up to the chunk's end (ops/token_chunks sums them over the chunks).
   """
   b, c, h, d = q.shape
   t, kv = k.shape[1], k.shape[2]

@@ -5,8 +5,8 @@ of the sequence inside a `lax.scan`, each slice under `jax.checkpoint`, keeps on
 input for the backward pass and recomputes its [chunk, intermediate] activations there. Training
 memory for the MLP drops from O(T x intermediate) to O(chunk x intermediate) per layer, for one
 more forward of the MLP's matmuls. Values are the unchunked ones: each token sees the same math.
-models/lm.py chunks a whole layer after its keys and values the same way (scan_chunks), the
-chunk's queries attending over the whole sequence's keys.
+decoder_layer_chunks (config model.layer_chunk) runs a whole decoder layer the same way: keys
+and values first, then each query chunk's attention over all of them, o-projection, norm and MLP.
 
 Weights read inside `fn` (closed over, in their stored dtype) get their gradients summed over the
 chunks in that dtype: float32 master weights cast to bfloat16 inside `fn` accumulate in float32.
@@ -16,6 +16,8 @@ import math
 
 import jax
 import jax.numpy as jnp
+
+from omniopd_jax.ops import attention as attention_ops
 
 ALIGN = 128  # chunks longer than this are rounded up to a multiple of it (aligned_chunk_layout)
 
@@ -52,9 +54,10 @@ def scan_chunks(fn, inputs, count: int, size: int):
 
   `inputs` is a tuple of [B, count * size, ...] arrays; `fn((chunk of each input...,
   offset))` gets [B, size, ...] slices and the chunk's first token index (int32) and returns
-  [B, size, E'] (or a tuple of such arrays: the result is then a tuple too). Only the chunks' inputs are kept for the backward pass. Each chunk slices the
-  inputs in place (no stacked [count, B, size, ...] copy of them); their gradients are summed into
-  one [B, T, ...] buffer, slice by slice.
+  [B, size, E'] (or a tuple of such arrays: the result is then a tuple too). Only the chunks'
+  inputs are kept for the backward pass. Each chunk slices the inputs in place (no stacked
+  [count, B, size, ...] copy of them); their gradients are summed into one [B, T, ...] buffer,
+  slice by slice.
   """
   b = inputs[0].shape[0]
   offsets = jnp.arange(count, dtype=jnp.int32) * size
@@ -90,3 +93,34 @@ def map_token_chunks(fn, x: jax.Array, chunk: int) -> jax.Array:
     return fn(x)
   ys = scan_chunks(lambda xs: fn(xs[0]), (pad_tokens(x, count * size),), count, size)
   return ys[:, :t]
+
+
+def decoder_layer_chunks(layer, x, positions, inv_freq, segment_ids, chunk: int) -> jax.Array:
+  """A decoder layer (models/lm.py DecoderLayer) over query chunks -> [B, T, E] (training).
+
+  Keys and values [B, T, KV, D] first, for the whole sequence (projected chunk by chunk: the
+  normed input is never whole) and kept in float32, so their gradients are summed over the
+  chunks in float32; then, per chunk in a rematerialised scan, its queries' blockwise attention
+  over them (causal by absolute position, within segments; each key block cast to the compute
+  dtype), the o-projection, the residual, the norm and the MLP. Never a [T, E]-sized intermediate
+  of the norms, attention or MLP; the same values as the whole layer. T is padded to whole chunks
+  (padding: segment -1, dropped at the end).
+  """
+  attn, norm = layer.self_attn, layer.input_layernorm
+  t = x.shape[1]
+  count, size, blk = aligned_chunk_layout(t, chunk, attention_ops.BLOCK)
+  pad = lambda a, fill=0: pad_tokens(a, count * size, fill)
+  x, positions, segments = pad(x), pad(positions), pad(segment_ids, -1)
+  kv = lambda xs: attn.keys_values(norm(xs[0]), xs[1], inv_freq)  # [B, c, KV, D] each
+  k, v = (a.astype(jnp.float32) for a in scan_chunks(kv, (x, positions), count, size))
+
+  def one_chunk(xs):
+    x_c, pos_c, seg_c, offset = xs  # [B, c, E], [B, c], [B, c], []
+    q = attn.queries(norm(x_c), pos_c, inv_freq)  # [B, c, H, D]
+    out = attention_ops.blockwise_chunk_attention(
+      q, k, v, seg_c, segments, offset, scale=attn.scale, block=blk
+    )
+    x_c = x_c + attn._out(out)
+    return x_c + layer.mlp(layer.post_attention_layernorm(x_c))
+
+  return scan_chunks(one_chunk, (x, positions, segments), count, size)[:, :t]
