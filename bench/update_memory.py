@@ -14,8 +14,9 @@ the method's loss, gradients, AdamW) for a Qwen3-1.7B-shaped model cut to `--lay
   dense  model.head=dense + model.attention=dense: [B, L, V] logits and [B, H, T, T] scores
 Both in the paper-scale precision (bfloat16 compute and frozen base, float32 master weights and
 AdamW), the config's scanned layers and remat policy (model.scan_layers, model.remat=full) and
-model.mlp_chunk (MLPs over rematerialised 1024-token chunks; --mlp-chunk 0
-turns it off). Nothing is allocated, so it runs on a laptop; compile time is printed too. XLA's CPU
+model.layer_chunk (each layer after its keys and values - q-projection, attention over all keys,
+o-projection, norm, MLP - over rematerialised query chunks of 256 tokens; --layer-chunk 0 turns it
+off, and model.mlp_chunk then chunks the MLPs alone). Nothing is allocated, so it runs on a laptop; compile time is printed too. XLA's CPU
 backend computes bfloat16 elementwise ops and dots in float32, so CPU temporaries overstate a
 GPU/TPU's for the bfloat16 activations and the bfloat16 frozen base.
 """
@@ -59,6 +60,8 @@ def update_config(path: str, args):
     config.model.remat = args.remat
   if args.mlp_chunk is not None:
     config.model.mlp_chunk = args.mlp_chunk
+  if args.layer_chunk is not None:
+    config.model.layer_chunk = args.layer_chunk
   return config
 
 
@@ -87,6 +90,9 @@ def main():
   )  # fmt: skip
   parser.add_argument(
     "--mlp-chunk", type=int, default=None, help="model.mlp_chunk (default: the config's)"
+  )
+  parser.add_argument(
+    "--layer-chunk", type=int, default=None, help="model.layer_chunk (default: the config's)"
   )
   args = parser.parse_args()
   print(

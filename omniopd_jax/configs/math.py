@@ -56,6 +56,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model.attention = "auto"  # update: auto | dense | blockwise | xla | cudnn | splash | pallas_gpu
   # update: tokens per MLP chunk, recomputed in the backward pass (0: whole sequence at once)
   c.model.mlp_chunk = 1024
+  # update: tokens per query chunk of a whole layer after its keys and values (q-projection,
+  # attention over all keys, o-projection, norm, MLP), recomputed in the backward pass; 0: off.
+  # Blockwise attention only (auto on CPU/TPU); other attentions run the layer whole + mlp_chunk.
+  # Smaller chunks: less memory, more float32 weight-gradient accumulation traffic per layer.
+  c.model.layer_chunk = 256
   c.model.tokenizer_path = ""  # defaults to student_path
   # Build the student/teacher pair in <workdir>/models (experiments.demo_models) instead of
   # loading student_path: "" no | "tiny" random models (:smoke) | "trained" the demo pair (:demo).

@@ -158,6 +158,7 @@ def _check_model_and_rollout(c: _Checker):
   c.choice("model.attention", attention.IMPLEMENTATIONS)
   c.int_at_least("model.head_vocab_tile", 0, " (0: the default tile)")
   c.int_at_least("model.mlp_chunk", 0, " (0: the whole sequence at once)")
+  c.int_at_least("model.layer_chunk", 0, " (0: layers run whole)")
   remat = c.value("model.remat")
   if remat is not _MISSING and not isinstance(remat, bool):
     c.choice("model.remat", layer_scan.REMAT_POLICIES)

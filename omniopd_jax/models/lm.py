@@ -186,14 +186,8 @@ class Attention(nnx.Module):
   def __call__(self, x, positions, inv_freq, mask, cache=None, cache_index=None):
     """x: [B, T, E]; mask: [B, T, S] bool over the key slots, or a SegmentMask (no cache) for a
     fused attention; cache: (k, v) or None (init_cache)."""
-    names = layer_scan.ATTENTION_PROJECTIONS  # what remat "dots_except_mlp" saves
-    q, k, v = (
-      checkpoint_name(proj(x), name)
-      for proj, name in zip((self.q_proj, self.k_proj, self.v_proj), names)
-    )  # [B, T, H|KV, D]
-    if self.q_norm is not None:
-      q, k = self.q_norm(q), self.k_norm(k)
-    q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
+    q = self.queries(x, positions, inv_freq)  # [B, T, H, D]
+    k, v = self.keys_values(x, positions, inv_freq)  # [B, T, KV, D]
     if hasattr(cache, "write_and_attend"):  # a paged decode cache (rollout/paged_cache.py)
       out, cache = cache.write_and_attend(q, k, v, self.scale)
       return self._out(out), cache
@@ -227,6 +221,21 @@ class Attention(nnx.Module):
     probs = jax.nn.softmax(scores, axis=-1).astype(x.dtype)  # softmax in float32, as transformers
     out = jnp.einsum(f"bkgts,{values}->btkgd", probs, v).reshape(b, t, h, d)
     return self._out(out), cache
+
+  def queries(self, x, positions, inv_freq):
+    """x [B, T, E] -> q [B, T, H, D]: projected, normed (Qwen3) and rotated."""
+    names = layer_scan.ATTENTION_PROJECTIONS  # what remat "dots_except_mlp" saves
+    q = checkpoint_name(self.q_proj(x), names[0])
+    q = q if self.q_norm is None else self.q_norm(q)
+    return apply_rope(q, positions, inv_freq)
+
+  def keys_values(self, x, positions, inv_freq):
+    """x [B, T, E] -> (k, v) [B, T, KV, D]: k projected, normed (Qwen3) and rotated."""
+    names = layer_scan.ATTENTION_PROJECTIONS
+    k = checkpoint_name(self.k_proj(x), names[1])
+    v = checkpoint_name(self.v_proj(x), names[2])
+    k = k if self.k_norm is None else self.k_norm(k)
+    return apply_rope(k, positions, inv_freq), v
 
   def _out(self, out):
     return checkpoint_name(self.o_proj(out), layer_scan.ATTENTION_PROJECTIONS[3])
@@ -264,9 +273,17 @@ class DecoderLayer(nnx.Module):
     )
     self.mlp = MLP(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
-  def __call__(self, x, positions, inv_freq, mask, cache=None, cache_index=None, mlp_chunk=0):
-    """`mlp_chunk` > 0 (training, no cache): the norm + MLP run over sequence chunks of that
-    many tokens, each recomputed in the backward pass (ops/token_chunks)."""
+  def __call__(self, x, positions, inv_freq, mask, cache=None, cache_index=None, chunks=(0, 0)):
+    """`chunks` = (mlp_chunk, layer_chunk), training only (no cache). layer_chunk > 0 with
+    blockwise attention: the layer runs over query chunks of about that many tokens
+    (token_chunks.decoder_layer_chunks); else mlp_chunk > 0: the norm + MLP run over sequence
+    chunks of that many tokens. Chunks are recomputed in the backward pass (ops/token_chunks)."""
+    mlp_chunk, layer_chunk = chunks
+    if cache is None and layer_chunk > 0 and _chunkable(mask):
+      y = token_chunks.decoder_layer_chunks(
+        self, x, positions, inv_freq, mask.segment_ids, layer_chunk
+      )
+      return y, cache
     h, cache = self.self_attn(
       self.input_layernorm(x), positions, inv_freq, mask, cache, cache_index
     )
@@ -275,6 +292,13 @@ class DecoderLayer(nnx.Module):
     if cache is None and mlp_chunk > 0:
       return x + token_chunks.map_token_chunks(mlp, x, mlp_chunk), cache
     return x + mlp(x), cache
+
+
+def _chunkable(mask) -> bool:
+  """Whether a layer can run over query chunks: a segment mask for blockwise attention. The fused
+  kernels (cudnn, xla, splash, pallas_gpu) attend a whole sequence in one call and the dense
+  path builds [T, T] scores, so with those the layer runs whole (with mlp_chunk's MLP chunks)."""
+  return isinstance(mask, SegmentMask) and attention_ops.resolve(mask.implementation) == "blockwise"
 
 
 class CausalLM(nnx.Module):
@@ -322,7 +346,7 @@ class CausalLM(nnx.Module):
 
   def hidden_states(
     self, input_ids, attention_mask=None, positions=None, *, cache=None, cache_index=None,
-    remat=False, attention="dense", segment_ids=None, constrain=None, mlp_chunk=0,
+    remat=False, attention="dense", segment_ids=None, constrain=None, mlp_chunk=0, layer_chunk=0,
   ):  # fmt: skip
     """Final-norm hidden states [B, T, E] (and the updated cache when one is given).
 
@@ -340,6 +364,9 @@ class CausalLM(nnx.Module):
 
     `mlp_chunk` > 0 (no cache): each layer's MLP runs over sequence chunks of that many tokens,
     rematerialised, so its [T, intermediate] activations are never all live (same values).
+    `layer_chunk` > 0 (no cache, blockwise attention): each layer after its keys and values runs
+    over query chunks of about that many tokens (token_chunks.decoder_layer_chunks); with
+    another attention it is ignored and mlp_chunk applies.
 
     `remat` (no cache): what each layer saves for the backward pass, a REMAT_POLICIES name
     (models/layer_scan.py) or a bool (True = "full": only the layer's input, the rest recomputed; ~1/3 more compute).
@@ -361,21 +388,28 @@ class CausalLM(nnx.Module):
       causal = k_slots[None, :] <= q_slots[:, None]  # [T, S]
       mask = causal[None] & attention_mask[:, None, :]  # [B, T, S]
     inv_freq = rope_inv_freq(self.config)
+    if cache is None and layer_chunk > 0 and _chunkable(mask):
+      # Padded once to whole query chunks here, not in every layer: extra tokens are padding.
+      count, size, _ = token_chunks.aligned_chunk_layout(t, layer_chunk, attention_ops.BLOCK)
+      pad = lambda a: token_chunks.pad_tokens(a, count * size)
+      input_ids, positions = pad(input_ids), pad(positions)
+      mask = mask.replace(segment_ids=pad(mask.segment_ids))
     x = constrain(jnp.take(self.embed_tokens[...], input_ids, axis=0).astype(self.dtype))
     # remat: keep less than every activation for the backward pass and recompute the rest ("full":
     # training memory drops from O(layers x activations) to O(layers x hidden)).
     policy = layer_scan.remat_policy(remat) if cache is None else "none"
-    args = (positions, inv_freq, mask, cache, cache_index, policy, constrain, mlp_chunk)
+    chunks = (mlp_chunk, layer_chunk)
+    args = (positions, inv_freq, mask, cache, cache_index, policy, constrain, chunks)
     run = self._scanned_layers if self.config.scan_layers else self._unrolled_layers
     x, cache = run(x, *args)
-    x = self.norm(x)
+    x = self.norm(x[:, :t])
     return x if cache is None else (x, cache)
 
   def _unrolled_layers(
-    self, x, positions, inv_freq, mask, cache, cache_index, policy, constrain, mlp_chunk
+    self, x, positions, inv_freq, mask, cache, cache_index, policy, constrain, chunks
   ):
-    def call(layer, x, positions, inv_freq, mask, cache, cache_index):  # mlp_chunk stays static
-      return layer(x, positions, inv_freq, mask, cache, cache_index, mlp_chunk)
+    def call(layer, x, positions, inv_freq, mask, cache, cache_index):  # chunks stay static
+      return layer(x, positions, inv_freq, mask, cache, cache_index, chunks)
 
     if policy != "none":
       call = nnx.remat(call, policy=layer_scan.checkpoint_policy(policy))
@@ -389,7 +423,7 @@ class CausalLM(nnx.Module):
     return x, None if cache is None else new_cache
 
   def _scanned_layers(
-    self, x, positions, inv_freq, mask, cache, cache_index, policy, constrain, mlp_chunk
+    self, x, positions, inv_freq, mask, cache, cache_index, policy, constrain, chunks
   ):
     """One jax.lax.scan over the stacked layers; a cache (StackedKVCache or a stacked paged
     cache) rides in the carry and each layer updates its own slice in place."""
@@ -402,7 +436,7 @@ class CausalLM(nnx.Module):
       state, i = per_layer
       layer_cache = None if cache is None else cache.replace(layer=i)
       x, layer_cache = nnx.merge(graphdef, state)(
-        x, positions, inv_freq, mask, layer_cache, cache_index, mlp_chunk
+        x, positions, inv_freq, mask, layer_cache, cache_index, chunks
       )
       return (constrain(x), layer_cache), None
 

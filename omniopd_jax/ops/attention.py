@@ -36,6 +36,7 @@ from omniopd_jax import sharding
 IMPLEMENTATIONS = ("auto", "dense", "blockwise", "xla", "cudnn", "splash", "pallas_gpu")
 # A large finite negative (not -inf): exp() of it is 0 and max() with it stays finite.
 _NEG = -0.7 * float(np.finfo(np.float32).max)
+BLOCK = 512  # blockwise: query and key tokens per block
 
 
 def resolve(implementation: str) -> str:
@@ -47,7 +48,7 @@ def resolve(implementation: str) -> str:
   return implementation
 
 
-def attention(q, k, v, segment_ids, *, implementation="auto", scale=None, block=512, **kwargs):
+def attention(q, k, v, segment_ids, *, implementation="auto", scale=None, block=BLOCK, **kwargs):
   """Causal attention within segments: q [B, T, H, D], k, v [B, T, KV, D] -> [B, T, H, D]."""
   impl = resolve(implementation)
   scale = q.shape[-1] ** -0.5 if scale is None else scale
@@ -70,23 +71,66 @@ def attention(q, k, v, segment_ids, *, implementation="auto", scale=None, block=
 # ---------------------------------------------------------------- blockwise (pure JAX, any backend)
 
 
-def blockwise_attention(q, k, v, segment_ids, *, scale, block=512):
+def blockwise_attention(q, k, v, segment_ids, *, scale, block=BLOCK):
   """Flash-style causal attention in pure JAX; see the module docstring."""
   b, t, h, d = q.shape
-  kv = k.shape[2]
   blk = min(block, t)
   n = -(-t // blk)
   pad = n * blk - t
-
-  def blocks(x, fill=0):  # [B, T, ...] -> [N, B, blk, ...], padded with `fill`
-    x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2), constant_values=fill)
-    return jnp.moveaxis(x.reshape(b, n, blk, *x.shape[2:]), 1, 0)
-
-  qb = blocks(q.reshape(b, t, kv, h // kv, d))  # [N, B, blk, KV, G, D]
   # Padded positions get segment -1: they match no real token, and each still sees itself.
-  segb = blocks(segment_ids, fill=-1)  # [N, B, blk]
-  out = _flash((scale, blk), qb, blocks(k), blocks(v), segb)  # [N, B, blk, KV, G, D]
+  seg = _pad(segment_ids, pad, fill=-1)  # [B, T']
+  qb = _query_blocks(q, k.shape[2], n, blk, pad)  # [N, B, blk, KV, G, D]
+  segb = _blocks(seg, n, blk, 0)  # [N, B, blk]
+  out = _flash((scale, blk), qb, _pad(k, pad), _pad(v, pad), segb, seg, jnp.int32(0))
   return jnp.moveaxis(out, 0, 1).reshape(b, n * blk, h, d)[:, :t]
+
+
+def blockwise_chunk_attention(q, k, v, q_segment_ids, segment_ids, q_offset, *, scale, block):
+  """Blockwise attention of one query chunk over the whole sequence's keys.
+
+  q [B, C, H, D] holds the queries at positions q_offset .. q_offset + C - 1 (q_segment_ids
+  [B, C]); k, v [B, T, KV, D] and segment_ids [B, T] the whole sequence. k and v may be kept in
+  float32 (their gradients then come back in float32): each key block is cast to q's dtype.
+  C, T and q_offset (an int32 scalar, traced inside a scan over chunks) are multiples of
+  `block`. Query blocks see the key blocks up to their own (causal by absolute position): the
+  chunks of a sequence together compute exactly blockwise_attention. Gradients flow to k and v
+  over every key up to the chunk's end (ops/token_chunks sums them over the chunks).
+  """
+  b, c, h, d = q.shape
+  t, kv = k.shape[1], k.shape[2]
+  if c % block or t % block:
+    raise ValueError(f"query chunk {c} and sequence {t} must be multiples of the block {block}")
+  nq = c // block
+  qb = _query_blocks(q, kv, nq, block, 0)  # [Nq, B, blk, KV, G, D]
+  seg_q = _blocks(q_segment_ids.astype(jnp.int32), nq, block, 0)  # [Nq, B, blk]
+  q0 = (jnp.asarray(q_offset) // block).astype(jnp.int32)  # the chunk's first query block
+  out = _flash((scale, block), qb, k, v, seg_q, segment_ids.astype(jnp.int32), q0)
+  return jnp.moveaxis(out, 0, 1).reshape(b, c, h, d)
+
+
+def _pad(x, pad, fill=0):
+  """[B, T, ...] padded at the end of T with `pad` entries of `fill`."""
+  return jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2), constant_values=fill)
+
+
+def _blocks(x, n, blk, pad, fill=0):
+  """[B, T, ...] -> [N, B, blk, ...], padded at the end with `fill`."""
+  x = _pad(x, pad, fill)
+  return jnp.moveaxis(x.reshape(x.shape[0], n, blk, *x.shape[2:]), 1, 0)
+
+
+def _key_block(x, j, blk, dtype=None):
+  """Key block j of x [B, T, ...] -> [B, blk, ...], cast to `dtype` block by block. Keys stay in
+  their [B, T, ...] layout and dtype: no blocked or cast copy of the whole sequence's keys and
+  values (float32 ones, whose gradients then come back in float32, are cast per block)."""
+  block = jax.lax.dynamic_slice_in_dim(x, j * blk, blk, axis=1)
+  return block if dtype is None else block.astype(dtype)
+
+
+def _query_blocks(q, kv, n, blk, pad):
+  """q [B, T, H, D] -> [N, B, blk, KV, G, D] (the G query heads sharing a kv head together)."""
+  b, t, h, d = q.shape
+  return _blocks(q.reshape(b, t, kv, h // kv, d), n, blk, pad)
 
 
 def _block_mask(blk, i, j, seg_q, seg_k):
@@ -97,27 +141,32 @@ def _block_mask(blk, i, j, seg_q, seg_k):
 
 
 def _scores(meta, qi, kj, i, j, seg_q, seg_k):
-  """Masked scores [B, KV, G, blk_q, blk_k] float32 and the mask broadcast to them."""
+  """Masked scores [B, KV, G, blk_q, blk_k] float32 and the mask broadcast to them; i and j are
+  the absolute block indices of the queries and the keys."""
   scale, blk = meta
   s = jnp.einsum("bqkgd,bskd->bkgqs", qi, kj, preferred_element_type=jnp.float32) * scale
   mask = _block_mask(blk, i, j, seg_q, seg_k)[:, None, None]
   return jnp.where(mask, s, _NEG), mask
 
 
-def _flash_forward(meta, qb, kb, vb, segb):
-  n = qb.shape[0]
+def _flash_forward(meta, qb, k, v, seg_qb, seg_k, q0):
+  """Query blocks qb [Nq, B, blk, KV, G, D] at absolute block indices q0 .. q0 + Nq - 1 over keys
+  k, v [B, T, KV, D] (segments seg_k [B, T]; T a multiple of blk)
+  -> (out [Nq, B, blk, KV, G, D], lse [Nq, B, KV, G, blk])."""
 
   def q_block(i):
-    qi, seg_q = qb[i], segb[i]
+    qi, seg_q = qb[i], seg_qb[i]
     b, blk, kv, g, d = qi.shape
+    at = q0 + i  # absolute block index of these queries
 
     def step(j, carry):
       m, total, acc = carry  # [B, KV, G, blk] x 2, [B, KV, G, blk, D]: running max, sum, output
-      s, mask = _scores(meta, qi, kb[j], i, j, seg_q, segb[j])
+      kj, vj = _key_block(k, j, blk, qb.dtype), _key_block(v, j, blk, qb.dtype)
+      s, mask = _scores(meta, qi, kj, at, j, seg_q, _key_block(seg_k, j, blk))
       m_new = jnp.maximum(m, s.max(-1))
       p = jnp.where(mask, jnp.exp(s - m_new[..., None]), 0.0)
       corr = jnp.exp(m - m_new)
-      pv = jnp.einsum("bkgqs,bskd->bkgqd", p.astype(vb.dtype), vb[j],
+      pv = jnp.einsum("bkgqs,bskd->bkgqd", p.astype(qb.dtype), vj,
                       preferred_element_type=jnp.float32)  # fmt: skip
       return m_new, total * corr + p.sum(-1), acc * corr[..., None] + pv
 
@@ -126,45 +175,47 @@ def _flash_forward(meta, qb, kb, vb, segb):
       jnp.zeros((b, kv, g, blk), jnp.float32),
       jnp.zeros((b, kv, g, blk, d), jnp.float32),
     )
-    # Key blocks 0..i only: the blocks above the causal diagonal are never computed.
-    m, total, acc = jax.lax.fori_loop(0, i + 1, step, init)
+    # Key blocks 0..at only: the blocks above the causal diagonal are never computed.
+    m, total, acc = jax.lax.fori_loop(0, at + 1, step, init)
     out = jnp.moveaxis(acc / total[..., None], 3, 1).astype(qb.dtype)  # [B, blk, KV, G, D]
     return out, m + jnp.log(total)  # lse [B, KV, G, blk]
 
-  return jax.lax.map(q_block, jnp.arange(n))
+  return jax.lax.map(q_block, jnp.arange(qb.shape[0]))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _flash(meta, qb, kb, vb, segb):
-  return _flash_forward(meta, qb, kb, vb, segb)[0]
+def _flash(meta, qb, k, v, seg_qb, seg_k, q0):
+  return _flash_forward(meta, qb, k, v, seg_qb, seg_k, q0)[0]
 
 
-def _flash_fwd(meta, qb, kb, vb, segb):
-  out, lse = _flash_forward(meta, qb, kb, vb, segb)
-  return out, (qb, kb, vb, segb, out, lse)
+def _flash_fwd(meta, qb, k, v, seg_qb, seg_k, q0):
+  out, lse = _flash_forward(meta, qb, k, v, seg_qb, seg_k, q0)
+  return out, (qb, k, v, seg_qb, seg_k, q0, out, lse)
 
 
 def _flash_bwd(meta, res, d_out):
-  qb, kb, vb, segb, out, lse = res
-  scale, _ = meta
-  n = qb.shape[0]
-  # delta_q = sum_d dO * O: the softmax backward's row term, [N, B, KV, G, blk].
+  qb, k, v, seg_qb, seg_k, q0, out, lse = res
+  scale, blk = meta
+  nq, nk = qb.shape[0], k.shape[1] // blk
+  key = lambda x, j: _key_block(x, j, blk, qb.dtype)
+  # delta_q = sum_d dO * O: the softmax backward's row term, [Nq, B, KV, G, blk].
   delta = jnp.moveaxis(jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), -1), 2, -1)
 
   def grads(i, j):
     """Recomputed probabilities and d scores of block (i, j), both [B, KV, G, blk, blk] f32."""
-    s, mask = _scores(meta, qb[i], kb[j], i, j, segb[i], segb[j])
+    s, mask = _scores(meta, qb[i], key(k, j), q0 + i, j, seg_qb[i], _key_block(seg_k, j, blk))
     p = jnp.where(mask, jnp.exp(s - lse[i][..., None]), 0.0)
-    dp = jnp.einsum("bqkgd,bskd->bkgqs", d_out[i], vb[j], preferred_element_type=jnp.float32)
+    dp = jnp.einsum("bqkgd,bskd->bkgqs", d_out[i], key(v, j), preferred_element_type=jnp.float32)
     return p, p * (dp - delta[i][..., None])
 
   def dq_block(i):
     def step(j, dq):
       _, ds = grads(i, j)
-      return dq + jnp.einsum("bkgqs,bskd->bqkgd", ds.astype(kb.dtype), kb[j],
+      return dq + jnp.einsum("bkgqs,bskd->bqkgd", ds.astype(qb.dtype), key(k, j),
                              preferred_element_type=jnp.float32)  # fmt: skip
 
-    return jax.lax.fori_loop(0, i + 1, step, jnp.zeros(qb.shape[1:], jnp.float32)) * scale
+    zero = jnp.zeros(qb.shape[1:], jnp.float32)
+    return jax.lax.fori_loop(0, q0 + i + 1, step, zero) * scale
 
   def dkv_block(j):
     def step(i, carry):
@@ -176,13 +227,24 @@ def _flash_bwd(meta, res, d_out):
                            preferred_element_type=jnp.float32)  # fmt: skip
       return dk, dv
 
-    zero = jnp.zeros(kb.shape[1:], jnp.float32)
-    dk, dv = jax.lax.fori_loop(j, n, step, (zero, zero))  # query blocks at or below the diagonal
+    b, _, kv, d = k.shape
+    zero = jnp.zeros((b, blk, kv, d), jnp.float32)
+    # Query blocks at or below the diagonal (none when key block j lies past the chunk).
+    first = jnp.clip(j - q0, 0, nq)
+    dk, dv = jax.lax.fori_loop(first, nq, step, (zero, zero))
     return dk * scale, dv
 
-  dq = jax.lax.map(dq_block, jnp.arange(n)).astype(qb.dtype)
-  dk, dv = jax.lax.map(dkv_block, jnp.arange(n))
-  return dq, dk.astype(kb.dtype), dv.astype(vb.dtype), None
+  dq = jax.lax.map(dq_block, jnp.arange(nq)).astype(qb.dtype)
+
+  def dkv_into(j, carry):  # key block j's gradients written in place into [B, T, KV, D]
+    at = lambda acc, x: jax.lax.dynamic_update_slice_in_dim(acc, x, j * blk, axis=1)
+    dk_j, dv_j = dkv_block(j)
+    return at(carry[0], dk_j), at(carry[1], dv_j)
+
+  zero = jnp.zeros(k.shape, jnp.float32)
+  # Key blocks past the last query block get no gradient (a chunk's later keys): left at 0.
+  dk, dv = jax.lax.fori_loop(0, jnp.minimum(q0 + nq, nk), dkv_into, (zero, zero))
+  return dq, dk.astype(k.dtype), dv.astype(v.dtype), None, None, None
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)

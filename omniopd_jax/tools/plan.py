@@ -236,12 +236,21 @@ def plan(config, cfg: model.ModelConfig, mesh_sizes: dict[str, int], remat: bool
   # per query and key; a fused attention saves the float32 log-normaliser per query and head.
   scores = heads_dev * 4 if fused else heads_dev * seq * (12 + c)
   per_token = (4 * e + 3 * heads_dev * d + 3 * kv_dev * d + 4 * f) * c + scores
+  # One layer's live set during its backward: every token's, or with model.layer_chunk (blockwise
+  # attention) the whole sequence's input, output gradient and input gradient in c, keys and
+  # values in float32 with their float32 gradients, plus one query chunk's full set.
+  layer_chunk = int(config.model.get("layer_chunk", 0))
+  if layer_chunk > 0 and fused and attention_ops.resolve(config.model.attention) == "blockwise":
+    chunk = min(layer_chunk, seq)
+    one_layer = u * seq * (3 * e * c + 4 * kv_dev * d * 4) + u * chunk * per_token
+  else:
+    one_layer = u * seq * per_token
   if remat:  # each layer's input (and the policy's matmul outputs) saved; one layer's set lives
     # during its backward. dots: q, k, v, o and the MLP's gate, up, down; dots_except_mlp: q-o.
     attn_dots = heads_dev * d + 2 * kv_dev * d + e
     saved = e + {"full": 0, "dots": attn_dots + 2 * f + e, "dots_except_mlp": attn_dots}[policy]
-    layer_acts = n * u * seq * saved * c + u * seq * per_token
-    acts_formula = f"{n} x {u} x {seq} x {saved} x {c} B + one layer ({u * seq * per_token:,} B)"
+    layer_acts = n * u * seq * saved * c + one_layer
+    acts_formula = f"{n} x {u} x {seq} x {saved} x {c} B + one layer ({one_layer:,} B)"
   else:
     layer_acts = n * u * seq * per_token
     acts_formula = f"{n} layers x {u} rows x {seq} tokens x {per_token:,} B"

@@ -91,7 +91,7 @@ def packed_attention(attention: str) -> str:
 
 
 def response_hidden(graphdef, params, seq, remat=False, attention="dense", constrain=None,
-                    mlp_chunk=0):  # fmt: skip
+                    mlp_chunk=0, layer_chunk=0):  # fmt: skip
   """(final hidden states predicting each response token [B, L, E], the merged model).
 
   seq.tokens is [B, P + L] (left-padded prompt then response). Position P - 1 + i predicts
@@ -103,7 +103,7 @@ def response_hidden(graphdef, params, seq, remat=False, attention="dense", const
     hidden = model.hidden_states(
       seq.tokens, seq.segment_ids > 0, seq.positions, remat=remat,
       attention=packed_attention(attention), segment_ids=seq.segment_ids, constrain=constrain,
-      mlp_chunk=mlp_chunk,
+      mlp_chunk=mlp_chunk, layer_chunk=layer_chunk,
     )  # fmt: skip
     return hidden, model
   tokens, mask = seq.tokens, seq.attention_mask
@@ -115,15 +115,18 @@ def response_hidden(graphdef, params, seq, remat=False, attention="dense", const
     attention=attention,
     constrain=constrain,
     mlp_chunk=mlp_chunk,
+    layer_chunk=layer_chunk,
   )  # [B, P + L - 1, E]
   return hidden[:, -length:], model
 
 
 def response_logits(graphdef, params, seq, remat=False, attention="dense", constrain=None,
-                    mlp_chunk=0) -> jax.Array:  # fmt: skip
+                    mlp_chunk=0, layer_chunk=0) -> jax.Array:  # fmt: skip
   """Logits predicting each response token: [B, L, V] float32 (the dense path; the LM head on
   those L positions only)."""
-  hidden, model = response_hidden(graphdef, params, seq, remat, attention, constrain, mlp_chunk)
+  hidden, model = response_hidden(
+    graphdef, params, seq, remat, attention, constrain, mlp_chunk, layer_chunk
+  )
   return model.logits(hidden)  # [B, L, V]
 
 
@@ -141,7 +144,7 @@ def response_stats(
   """
   remat = layer_scan.remat_policy(model_cfg.get("remat", False))
   attention = model_cfg.get("attention", "dense")
-  mlp_chunk = int(model_cfg.get("mlp_chunk", 0))
+  chunks = _chunks(model_cfg)
   rows = head_sharding = None
   if mesh is not None:
     rows = lambda x: jax.lax.with_sharding_constraint(
@@ -149,7 +152,7 @@ def response_stats(
     )
 
   def head(graphdef, params, remat=False):
-    hidden, model = response_hidden(graphdef, params, seq, remat, attention, rows, mlp_chunk)
+    hidden, model = response_hidden(graphdef, params, seq, remat, attention, rows, *chunks)
     return vocab_tiling.Head(hidden, *lm.head_weights(model))
 
   frozen = lambda g, p: None if p is None else head(g, p)  # head_stats stops their gradient
@@ -183,7 +186,7 @@ def make_loss_fn(config, method: base.Method, graphdef, teacher_graphdef=None, m
   remat = layer_scan.remat_policy(model_cfg.get("remat", False))
   attention = model_cfg.get("attention", "dense")
   tiled = model_cfg.get("head", "dense") == "tiled"
-  mlp_chunk = int(model_cfg.get("mlp_chunk", 0))
+  chunks = _chunks(model_cfg)
   teacher_graphdef = graphdef if teacher_graphdef is None else teacher_graphdef
   constrain = None
   if mesh is not None:
@@ -203,7 +206,7 @@ def make_loss_fn(config, method: base.Method, graphdef, teacher_graphdef=None, m
       base_p = base_params if use_base else None
       stats = response_stats(model_cfg, graphdef, params, seq, base_p, teacher, mesh, rules)
       return loss(config, stats, batch, stats if use_base else None, stats if use_teacher else None)
-    dense = lambda g, p, r=False: response_logits(g, p, seq, r, attention, constrain, mlp_chunk)
+    dense = lambda g, p, r=False: response_logits(g, p, seq, r, attention, constrain, *chunks)
     logits = dense(graphdef, params, remat)  # [b, L, V]
     base_logits = teacher_logits = None
     if use_base:
@@ -213,6 +216,11 @@ def make_loss_fn(config, method: base.Method, graphdef, teacher_graphdef=None, m
     return loss(config, logits, batch, base_logits, teacher_logits)
 
   return loss_fn
+
+
+def _chunks(model_cfg) -> tuple[int, int]:
+  """(model.mlp_chunk, model.layer_chunk): tokens per rematerialised chunk, 0 = off."""
+  return int(model_cfg.get("mlp_chunk", 0)), int(model_cfg.get("layer_chunk", 0))
 
 
 def needs_base(config) -> bool:
