@@ -5,8 +5,7 @@ style-shift teacher (the same solutions in another surface form: where token-lev
   python -m omniopd_jax.experiments.compare --workdir=/tmp/cmp               # full, 2-core CPU
   python -m omniopd_jax.experiments.compare --workdir=/tmp/cmp --quick       # minutes, 1 seed
   python -m omniopd_jax.experiments.compare --workdir=/tmp/cmp --models=/tmp/demo/models
-  python -m omniopd_jax.experiments.compare --workdir=/tmp/cmp --only=style-shift-opd-full-vocab,\
-      style-shift-opd-sampled,style-shift-omniopd --style_teacher=/tmp/shifted/models/teacher
+  python -m omniopd_jax.experiments.compare --workdir=W --style_teacher=T --only=style-shift-omniopd
 
 Every run starts from the same student base with the same teacher, prompts and number of student
 samples per step (`batch_size`; GRPO spends it as batch_size / group_size prompts x group_size).
@@ -38,8 +37,7 @@ flags.DEFINE_string("only", "", "Comma-separated variant names to run (default a
 flags.DEFINE_bool(
   "report_only", False, "Only rebuild results.md / accuracy.png from finished runs."
 )
-flags.DEFINE_string("style_teacher", "", "HF dir of the style-shift teacher (demo_models "
-                    "--teacher_style=shifted); '' builds it in WORKDIR/models when a style-shift row runs.")  # fmt: skip
+flags.DEFINE_string("style_teacher", "", "Style-shift teacher HF dir ('' trains one in WORKDIR).")
 flags.DEFINE_multi_string("set", [], "FIELD=VALUE config override for every run (repeatable), "
                           "e.g. --set=omniopd.num_teacher_samples=8.")  # fmt: skip
 
@@ -61,6 +59,9 @@ class Variant:
   lr: float = 0.0  # without sweep: this learning rate (0: the :demo config's)
 
 
+_OTHER_TOK = dict(sweep=False, other_tokenizer=True, group="tokenizer")
+_SHIFT = dict(sweep=False, style_shift=True, group="style")
+_CENTRED = (("omniopd.weight_form", "centered"),)
 VARIANTS = (
   Variant("sft", "sft"),
   Variant("opd-sampled", "opd", (("opd.estimator", "sampled"),)),
@@ -90,24 +91,14 @@ VARIANTS = (
       ("ablate-phi-exact", (("scoring.phi", "exact"),)),
     )
   ),
-  Variant(
-    "other-tokenizer-omniopd",
-    "omniopd",
-    (("omniopd.weight_form", "centered"),),
-    sweep=False,
-    other_tokenizer=True,
-    group="tokenizer",
-  ),  # fmt: skip
-  Variant("other-tokenizer-opd", "opd", sweep=False, other_tokenizer=True, group="tokenizer"),
+  Variant("other-tokenizer-omniopd", "omniopd", _CENTRED, **_OTHER_TOK),
+  Variant("other-tokenizer-opd", "opd", **_OTHER_TOK),
   # Each at its best learning rate of the method table (docs/compare_results.md).
-  *(
-    Variant(name, method, o, sweep=False, style_shift=True, group="style", lr=lr)
-    for name, method, o, lr in (
-      ("style-shift-opd-full-vocab", "opd", (("opd.estimator", "full_vocab"),), 3e-4),
-      ("style-shift-opd-sampled", "opd", (("opd.estimator", "sampled"),), 1e-4),
-      ("style-shift-omniopd", "omniopd", (("omniopd.weight_form", "centered"),), 1.5e-4),
-    )
-  ),
+  Variant(
+    "style-shift-opd-full-vocab", "opd", (("opd.estimator", "full_vocab"),), **_SHIFT, lr=3e-4
+  ),  # fmt: skip
+  Variant("style-shift-opd-sampled", "opd", (("opd.estimator", "sampled"),), **_SHIFT, lr=1e-4),
+  Variant("style-shift-omniopd", "omniopd", _CENTRED, **_SHIFT, lr=1.5e-4),
 )
 
 
@@ -192,26 +183,6 @@ def permuted_tokenizer_teacher(teacher_dir: str, out_dir: str) -> str:
   except OSError:  # another process got there first: same content
     shutil.rmtree(tmp, ignore_errors=True)
   return out_dir
-
-
-def style_shift_teacher(workdir: str, config, teacher_dir: str, quick: bool) -> str:
-  """The style-shift teacher, trained once in <workdir>/models/teacher_style_shift: the
-  comparison's teacher fine-tuned by demo_models into the shifted surface form (its recipe,
-  demo_models.STYLE_SHIFT; --quick: a few steps, plumbing only)."""
-  from omniopd_jax.experiments import demo_models
-
-  out = os.path.join(workdir, "models", "teacher_style_shift")
-  if os.path.exists(os.path.join(out, "config.json")):
-    return out
-  config = config.copy_and_resolve_references()
-  config.demo.update(**demo_models.STYLE_SHIFT)
-  config.demo.teacher_init = teacher_dir
-  if quick:
-    config.demo.update(teacher_steps=4, teacher_examples=16)
-  demo_models.build_teacher(
-    config, demo_models.make_tokenizer(), out, log=lambda m: print(m, flush=True)
-  )
-  return out
 
 
 # ----------------------------------------------------------------------------- runs
@@ -382,8 +353,7 @@ def plot(results: list[dict], rows: list[dict], path: str) -> None:
       best[r["variant"]] = r
   fig, axes = plt.subplots(1, 2, figsize=(13, 4.8), sharey=True)
   for ax, groups, title in ((axes[0], ("method",), "methods (best lr)"),
-                            (axes[1], ("ablation", "tokenizer", "style"),
-                             "ablations (omniopd-centered), other teachers")):  # fmt: skip
+                            (axes[1], ("ablation", "tokenizer", "style"), "ablations, other teachers")):  # fmt: skip
     for name, row in best.items():
       if row["group"] not in groups:
         continue
@@ -423,6 +393,7 @@ def compare(
   import jax
   import torch
 
+  from omniopd_jax.experiments import demo_models
   from omniopd_jax.teacher import server as serve
 
   os.makedirs(workdir, exist_ok=True)
@@ -447,8 +418,11 @@ def compare(
 
   def teacher_for(v: Variant) -> str:
     nonlocal style_teacher
-    if v.style_shift and not style_teacher:
-      style_teacher = style_shift_teacher(workdir, base, teacher, quick)
+    if v.style_shift and not style_teacher:  # trained once, here, unless --style_teacher
+      style_teacher = demo_models.style_shift_teacher(
+        os.path.join(workdir, "models", "teacher_style_shift"), base, teacher,
+        steps=4 * quick, examples=16 * quick, log=lambda m: print(m, flush=True),
+      )  # fmt: skip
     return other if v.other_tokenizer else style_teacher if v.style_shift else teacher
 
   def url_for(path: str) -> str:

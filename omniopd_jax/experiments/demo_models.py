@@ -13,8 +13,9 @@ the layers, stopped right after its accuracy jump, with a printed headroom check
 
 The last one is compare's style-shift teacher: the same task's solutions in another surface form
 ("4+13=17; 17-5=12" for the student's "4 + 13 = 17\n17 - 5 = 12"), continuing a student-style
-prefix in its own style (data/tasks.py `style_shift_pair`). Its own-format accuracy and the
-log-probability it gives the student's gold tokens go to STYLE_FILE in its directory.
+prefix in its own style (data/tasks.py `style_shift_pair`), made by the STYLE_SHIFT recipe (the
+bundled teacher fine-tuned 300 steps). Its own-format accuracy and the log-probability it gives the
+student's gold tokens go to STYLE_FILE in its directory.
 """
 
 import json
@@ -396,6 +397,19 @@ def build_teacher(config, tokenizer, out: str, log=print) -> str:
   return out
 
 
+def style_shift_teacher(out: str, config, init: str, *, steps=0, examples=0, log=print) -> str:
+  """compare's style-shift teacher at `out`, trained once: the teacher at `init` fine-tuned into
+  the shifted surface form by the STYLE_SHIFT recipe (`steps` / `examples` > 0: a smaller run)."""
+  if _ready(out):
+    return out
+  config = config.copy_and_resolve_references()
+  config.demo.update(**STYLE_SHIFT)
+  config.demo.teacher_init = init
+  if steps:
+    config.demo.update(teacher_steps=steps, teacher_examples=examples)
+  return build_teacher(config, make_tokenizer(), out, log=log)
+
+
 def _pairs(config, tokenizer, log, style="student"):
   t0 = time.time()
   pairs = tasks.sft_examples(
@@ -416,6 +430,8 @@ def main(argv):
   f = flags.FLAGS
   config = math_config.get_config("demo")
   config.unlock()
+  if f.teacher_style == "shifted":  # its recipe, under any flag below
+    config.demo.update(**STYLE_SHIFT)
   for name in ("teacher_steps", "student_steps", "teacher_examples"):
     if getattr(f, name):
       config.demo[name] = getattr(f, name)
@@ -425,7 +441,6 @@ def main(argv):
       raise ValueError(f"--set {item!r}: expected FIELD=VALUE with FIELD in {list(config.demo)}")
     config.demo[field] = type(config.demo[field])(ast.literal_eval(text))
   config.demo.teacher_path, config.demo.student_path = f.teacher, f.student
-  config.demo.teacher_style = f.teacher_style
   build(f.out, config)
   print(f"wrote {f.out}/models/teacher and {f.out}/models/student")
 
@@ -438,8 +453,8 @@ if __name__ == "__main__":
   flags.DEFINE_string(
     "student", "", "'' trains the student base; 'bundled' or an HF dir copies it."
   )
-  flags.DEFINE_enum("teacher_style", "student", ["student", "shifted"], "config.demo.teacher_style: "
-                    "'shifted' trains compare's style-shift teacher.")  # fmt: skip
+  flags.DEFINE_enum("teacher_style", "student", ["student", "shifted"], "'shifted': compare's "
+                    "style-shift teacher, by demo_models.STYLE_SHIFT's recipe.")  # fmt: skip
   flags.DEFINE_integer("teacher_steps", 0, "Override config.demo.teacher_steps.")
   flags.DEFINE_integer("student_steps", 0, "Override config.demo.student_steps.")
   flags.DEFINE_integer("teacher_examples", 0, "Override config.demo.teacher_examples.")
