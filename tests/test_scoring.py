@@ -154,7 +154,7 @@ def test_batch_sensitive_scorers_score_once_in_request_order_whatever_the_timing
   import threading
   import types
 
-  from omniopd_jax.methods import omniopd
+  from omniopd_jax.methods import overlap
 
   class BatchSensitive:
     batch_invariant = False
@@ -175,7 +175,7 @@ def test_batch_sensitive_scorers_score_once_in_request_order_whatever_the_timing
     futures[1].set_result([sample, sample])  # request 1 is back first, the others later
     timer = threading.Timer(0.3, lambda: [f.set_result([sample, sample]) for f in futures[::2]])
     timer.start()
-    out = omniopd.wait_and_score(futures, ["a", "b", "c"], scorer, 2)
+    out = overlap.wait_and_score(futures, ["a", "b", "c"], scorer, 2)
     timer.join()
     return out[0], scorer.calls
 

@@ -68,20 +68,12 @@ VARIANTS = (
   Variant("opd-full-vocab", "opd", (("opd.estimator", "full_vocab"),)),
   Variant("grpo", "grpo"),
   Variant("omniopd-pi_hat", "omniopd", (("omniopd.weight_form", "pi_hat"),)),
-  Variant("omniopd-centered", "omniopd", (("omniopd.weight_form", "centered"),)),
+  Variant("omniopd-centered", "omniopd", _CENTRED),
   Variant("omniopd-group", "omniopd", (("omniopd.weight_form", "group"),)),
+  Variant("omniopd-prefix", "omniopd", (*_CENTRED, ("omniopd.token_credit", "prefix"))),
+  Variant("omniopd-decision", "omniopd", (*_CENTRED, ("omniopd.token_credit", "decision"))),
   *(
-    Variant(
-      f"omniopd-{credit}",
-      "omniopd",
-      (("omniopd.weight_form", "centered"), ("omniopd.token_credit", credit)),
-    )
-    for credit in ("prefix", "decision")
-  ),  # fmt: skip
-  *(
-    Variant(
-      name, "omniopd", (("omniopd.weight_form", "centered"), *o), sweep=False, group="ablation"
-    )  # fmt: skip
+    Variant(name, "omniopd", (*_CENTRED, *o), sweep=False, group="ablation")
     for name, o in (
       ("ablate-no-kl", (("omniopd.kl_anchor", False),)),
       ("ablate-no-prior", (("omniopd.use_prior", False),)),

@@ -6,7 +6,6 @@ Host side (`collect`): numpy, strings and the teacher client; device side (`loss
 `center_fork_weights`): pure jnp inside the jitted update.
 """
 
-import concurrent.futures
 import dataclasses
 import hashlib
 import time
@@ -21,8 +20,6 @@ from omniopd_jax.methods import base, losses, overlap, packing
 from omniopd_jax.reward import posterior
 from omniopd_jax.rollout import chunks, forks, sampler
 from omniopd_jax.teacher import backends as tb
-
-POLL_S = 0.25  # how often a teacher wait looks at the stop flag
 
 
 @flax.struct.dataclass
@@ -69,54 +66,6 @@ def teacher_requests(config, req: chunks.ForkRequests, examples, backend: str, s
         tb.TeacherRequest(problem=question, prefix_text=req.response_prefix_text[i], **common)
       )
   return out
-
-
-def wait_and_score(futures, student_texts, scorer, num_samples: int, clip=None, stop=None):
-  """Scores completed requests in waves while later ones are still in flight.
-
-  Waves follow the teacher's timing, so they are used only with a scorer whose values do not
-  depend on which texts share a call (`batch_invariant`: edit, ROUGE-1, exact). An encoder's
-  cosine moves by ~1e-7 with its batch's padding and size, so embedding phi scores every request
-  in one call, in request order, once all have arrived: a resumed or repeated step then computes
-  exactly the same similarities. `stop` (a threading.Event) cancels the wait: WaitCancelled
-  within POLL_S of being set.
-
-  Returns (sim [n, N] with NaN for failed samples, teacher texts n x N (None = failed),
-  failure reasons, seconds waiting, seconds scoring).
-  """
-  n = len(futures)
-  sim = np.full((n, num_samples), np.nan, np.float32)
-  texts: list[list[str | None]] = [[None] * num_samples for _ in range(n)]
-  reasons: list[list[str]] = [[] for _ in range(n)]  # in request order, whatever the timing
-  pending = {f: i for i, f in enumerate(futures)}
-  waves = bool(getattr(scorer, "batch_invariant", False))
-  wait_s = score_s = 0.0
-  while pending:
-    t0 = time.perf_counter()
-    concurrent.futures.wait(
-      list(pending), timeout=POLL_S if stop is not None else None,
-      return_when=concurrent.futures.FIRST_COMPLETED,
-    )  # fmt: skip
-    # Take everything finished by now as one wave: one batched encode per wave.
-    done = [f for f in pending if f.done()]
-    wait_s += time.perf_counter() - t0
-    if stop is not None and stop.is_set():
-      raise base.WaitCancelled(f"stopped with {len(pending)} teacher requests pending")
-    if not done:
-      continue
-    idx = [pending.pop(f) for f in done]
-    for i, f in zip(idx, done):
-      samples = f.result()
-      texts[i] = [s.text if s.ok else None for s in samples]
-      if clip is not None:
-        texts[i] = clip(texts[i])
-      reasons[i] = [s.error for s in samples if not s.ok]
-    if waves or not pending:
-      idx = idx if waves else list(range(n))
-      t0 = time.perf_counter()
-      sim[idx] = scorer.score([student_texts[i] for i in idx], [texts[i] for i in idx])
-      score_s += time.perf_counter() - t0
-  return sim, texts, [r for rs in reasons for r in rs], wait_s, score_s
 
 
 def uses_token_ids(ctx: base.Context) -> bool:
@@ -214,7 +163,7 @@ class InFlight:
   def finish(self) -> base.Collected:
     """Host half of an OmniOPD step: wait for the teacher, score, posterior, pack."""
     ctx, o = self.ctx, self.ctx.config.omniopd
-    sim, teacher_texts, reasons, wait_s, score_s = wait_and_score(
+    sim, teacher_texts, reasons, wait_s, score_s = overlap.wait_and_score(
       self.futures,
       self.student_texts,
       ctx.scorer,

@@ -13,15 +13,22 @@ resume are unchanged. Only the moment each request leaves differs:
   prompts_per_request = P   packed calls take their seed from their first prompt, so requests
                             leave in row order, P at a time (a row waits for the rows before it):
                             the client packs exactly the calls of one whole-batch submission.
+
+`wait_and_score` overlaps the other way: it scores requests that came back while later ones are
+still out (for scorers whose values do not depend on their batch).
 """
 
+import concurrent.futures
 import time
 from collections.abc import Callable
 
 import jax
 import numpy as np
 
+from omniopd_jax.methods import base
 from omniopd_jax.rollout import chunks, forks
+
+POLL_S = 0.25  # how often a teacher wait looks at the stop flag
 
 
 def prompts_per_call(teacher) -> int:
@@ -122,3 +129,51 @@ class RowSubmitter:
     req = chunks.join_requests(self.reqs, valid.shape)
     futures = [f for row in self.futures for f in row]
     return starts, valid, req, int(req.boundary_mismatch.sum()), futures, self.arrivals
+
+
+def wait_and_score(futures, student_texts, scorer, num_samples: int, clip=None, stop=None):
+  """Scores completed requests in waves while later ones are still in flight.
+
+  Waves follow the teacher's timing, so they are used only with a scorer whose values do not
+  depend on which texts share a call (`batch_invariant`: edit, ROUGE-1, exact). An encoder's
+  cosine moves by ~1e-7 with its batch's padding and size, so embedding phi scores every request
+  in one call, in request order, once all have arrived: a resumed or repeated step then computes
+  exactly the same similarities. `stop` (a threading.Event) cancels the wait: WaitCancelled
+  within POLL_S of being set.
+
+  Returns (sim [n, N] with NaN for failed samples, teacher texts n x N (None = failed),
+  failure reasons, seconds waiting, seconds scoring).
+  """
+  n = len(futures)
+  sim = np.full((n, num_samples), np.nan, np.float32)
+  texts: list[list[str | None]] = [[None] * num_samples for _ in range(n)]
+  reasons: list[list[str]] = [[] for _ in range(n)]  # in request order, whatever the timing
+  pending = {f: i for i, f in enumerate(futures)}
+  waves = bool(getattr(scorer, "batch_invariant", False))
+  wait_s = score_s = 0.0
+  while pending:
+    t0 = time.perf_counter()
+    concurrent.futures.wait(
+      list(pending), timeout=POLL_S if stop is not None else None,
+      return_when=concurrent.futures.FIRST_COMPLETED,
+    )  # fmt: skip
+    # Take everything finished by now as one wave: one batched encode per wave.
+    done = [f for f in pending if f.done()]
+    wait_s += time.perf_counter() - t0
+    if stop is not None and stop.is_set():
+      raise base.WaitCancelled(f"stopped with {len(pending)} teacher requests pending")
+    if not done:
+      continue
+    idx = [pending.pop(f) for f in done]
+    for i, f in zip(idx, done):
+      samples = f.result()
+      texts[i] = [s.text if s.ok else None for s in samples]
+      if clip is not None:
+        texts[i] = clip(texts[i])
+      reasons[i] = [s.error for s in samples if not s.ok]
+    if waves or not pending:
+      idx = idx if waves else list(range(n))
+      t0 = time.perf_counter()
+      sim[idx] = scorer.score([student_texts[i] for i in idx], [texts[i] for i in idx])
+      score_s += time.perf_counter() - t0
+  return sim, texts, [r for rs in reasons for r in rs], wait_s, score_s

@@ -19,7 +19,7 @@ EMBEDDING_BACKENDS = ("sentence_transformers", "flax")
 
 class Scorer(Protocol):
   # True when a pair's phi does not depend on which other texts share the score() call (then the
-  # collector may score requests in waves as they arrive; see methods.omniopd.wait_and_score).
+  # collector may score requests in waves as they arrive; see methods.overlap.wait_and_score).
   batch_invariant: bool
 
   def score(
