@@ -30,9 +30,6 @@ from omniopd_jax.reward import posterior
 from omniopd_jax.reward import similarity as scoring
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("workdir", None, "Where the models, the run's logs and the JSON go.")
-flags.DEFINE_integer("steps", 4, "Batches of training prompts to collect.")
-flags.DEFINE_bool("quick", False, "Plumbing check: :smoke's untrained tiny models, 1 step.")
 
 FLOORS = (0.0, 0.8, 0.9, 0.95)
 CREDITS = posterior.TOKEN_CREDITS
@@ -206,5 +203,9 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  # Defined here, not at import: experiments.compare defines flags of the same names.
+  flags.DEFINE_string("workdir", None, "Where the models, the run's logs and the JSON go.")
+  flags.DEFINE_integer("steps", 4, "Batches of training prompts to collect.")
+  flags.DEFINE_bool("quick", False, "Plumbing check: :smoke's untrained tiny models, 1 step.")
   flags.mark_flag_as_required("workdir")
   app.run(main)
