@@ -365,7 +365,10 @@ def test_batcher_groups_concurrent_requests():
 def test_server_dies_with_its_parent_on_ctrl_c(hf_model):
   """Ctrl-C in the process that started the server stops it (atexit, process group)."""
   script = (
-    "import sys, time; from omniopd_jax import serve; "
+    # A parent whose own parent ignores SIGINT (a test runner's worker) inherits that: restore
+    # Python's default Ctrl-C handling first, as an interactive shell would give it.
+    "import signal, sys, time; signal.signal(signal.SIGINT, signal.default_int_handler); "
+    "from omniopd_jax import serve; "
     "h = serve.start_subprocess(sys.argv[1]); print(h.root, h.proc.pid, flush=True); time.sleep(120)"
   )
   parent = subprocess.Popen(
