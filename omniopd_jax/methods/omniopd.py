@@ -211,8 +211,8 @@ class InFlight:
     out = np.zeros((len(req), ctx.config.omniopd.num_teacher_samples), np.int32)
     for i in range(len(req)):
       ids = self.roll.tokens[req.row[i], req.start[i] : req.start[i] + c]
-      ends = [len(lead[i]) + len(ctx.tokenizer.decode(ids[: t + 1], skip_special_tokens=True))
-              for t in range(c)]  # fmt: skip
+      texts = ctx.tokenizer.batch_decode([ids[: t + 1] for t in range(c)], skip_special_tokens=True)
+      ends = [len(lead[i]) + len(text) for text in texts]
       out[i] = posterior.divergence_tokens(self.student_texts[i], ends, teacher_texts[i])
     return out
 

@@ -3,6 +3,7 @@ the chunk-weight forms, and the padded [B, M] arrays the train step takes, with 
 """
 
 import dataclasses
+import os
 
 import numpy as np
 
@@ -103,11 +104,7 @@ def divergence_tokens(student_text: str, token_ends, teacher_texts) -> np.ndarra
   out = np.full(len(teacher_texts), len(ends), np.int32)
   for j, z in enumerate(teacher_texts):
     if z is not None:
-      common = 0
-      for a, b in zip(student_text, z):
-        if a != b:
-          break
-        common += 1
+      common = len(os.path.commonprefix((student_text, z)))
       out[j] = np.searchsorted(ends, common, side="right")
   return out
 
