@@ -111,6 +111,22 @@ def test_rows_do_not_depend_on_slot_batch_or_neighbours(model):
   np.testing.assert_array_equal(twice.tokens[1], full.tokens[5])
 
 
+@pytest.mark.parametrize("engine", ["continuous", "static"])
+def test_per_prompt_seeds_serve_several_calls_in_one(model, engine):
+  # What the teacher server does: requests with their own seeds gathered into one call. Each
+  # prompt's rows are those of its own call; a prompt repeated under one seed still counts as a
+  # repeat, the same prompt under another seed does not.
+  kw = dict(max_new_tokens=10, temperature=1.0, eos_ids=EOS, num_samples=2, engine=engine)
+  a = sampler.generate(model, [PROMPTS[0], PROMPTS[0]], seed=5, **kw)
+  b = sampler.generate(model, [PROMPTS[0], PROMPTS[1]], seed=6, **kw)
+  both = sampler.generate(model, [PROMPTS[0]] * 3 + [PROMPTS[1]], seed=[5, 5, 6, 6], **kw)
+  np.testing.assert_array_equal(both.tokens, np.concatenate([a.tokens, b.tokens]))
+  np.testing.assert_array_equal(both.mask, np.concatenate([a.mask, b.mask]))
+  assert (a.tokens[0] != b.tokens[0]).any() and (a.tokens[0] != a.tokens[2]).any()
+  with pytest.raises(ValueError, match="one per prompt"):
+    sampler.generate(model, PROMPTS[:2], seed=[1, 2, 3], **kw)
+
+
 def test_samples_share_prompt_pages_and_a_tight_pool_still_finishes(model):
   kw = dict(max_new_tokens=12, temperature=1.0, eos_ids=EOS, seed=2, num_samples=3)
   prompts = _prompts(7, (9, 14, 6, 11))

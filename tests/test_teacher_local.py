@@ -72,7 +72,7 @@ def _texts(choices):
   return [c.text for c in choices]
 
 
-def test_seeded_jobs_ignore_batch_mates_and_unseeded_jobs_merge(teacher, monkeypatch):
+def test_jobs_share_calls_and_seeded_jobs_ignore_batch_mates(teacher, monkeypatch):
   calls = []
   generate = sampler.generate
   monkeypatch.setattr(
@@ -89,7 +89,7 @@ def test_seeded_jobs_ignore_batch_mates_and_unseeded_jobs_merge(teacher, monkeyp
   assert calls == [2]
   calls.clear()
   mixed = teacher.run([u1, b, a, u2])
-  assert sorted(calls) == [1, 2, 2]  # b alone, a alone, u1 + u2 in one call
+  assert calls == [4, 1]  # calls of max_batch // n = 4 prompts; each job draws from its own seed
   assert _texts(mixed[2]) == _texts(alone[0])
   assert _texts(mixed[1])[:2] != _texts(alone[0])[:2]  # another seed: other samples
   assert all(len(r) == 2 for r in (mixed[0], mixed[1], mixed[3]))

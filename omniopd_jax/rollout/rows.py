@@ -26,6 +26,9 @@ def row_keys(seed, prompt_tokens, prompt_mask, num_samples: int):
   """One PRNG key per output row [B*K]: from the seed, the prompt's tokens, its occurrence among
   equal prompts of the call and the sample index; never from the row's position or padding.
 
+  seed: one uint32 for every prompt, or [B] (one per prompt: prompts with different seeds are
+  independent streams, and occurrence counts only equal prompts under the same seed, so a call
+  that gathers several requests' prompts gives each the keys it would get alone).
   prompt_tokens/prompt_mask [B, P] are left-padded: the hash weighs token i by M^(P-1-i), so
   the same prompt hashes alike under any prompt bucket. All-padding rows get some key (unused).
   """
@@ -33,15 +36,28 @@ def row_keys(seed, prompt_tokens, prompt_mask, num_samples: int):
   weights = jnp.asarray(_hash_powers(p))  # [P] uint32
   terms = (prompt_tokens.astype(jnp.uint32) + 1) * weights  # wraps mod 2^32
   digest = jnp.sum(jnp.where(prompt_mask, terms, 0), axis=1, dtype=jnp.uint32)  # [B]
+  seeds = jnp.broadcast_to(jnp.asarray(seed, jnp.uint32), digest.shape)  # [B]
   real = prompt_mask.any(axis=1)  # [B]
   earlier = jnp.tril(jnp.ones((len(digest),) * 2, bool), -1)  # [B, B]: j < i
-  same = (digest[:, None] == digest[None, :]) & real[None, :] & earlier
-  occurrence = same.sum(axis=1).astype(jnp.uint32)  # [B]: earlier copies of this prompt
+  same = (digest[:, None] == digest[None, :]) & (seeds[:, None] == seeds[None, :])
+  occurrence = (same & real[None, :] & earlier).sum(axis=1).astype(jnp.uint32)  # [B]
   sample = jnp.arange(num_samples, dtype=jnp.uint32)  # [K]
   index = (occurrence[:, None] * num_samples + sample[None, :]).reshape(-1)  # [B*K]
-  base = jax.random.key(seed)
-  per_prompt = jax.vmap(lambda d: jax.random.fold_in(base, d))(digest)  # [B]
+  per_prompt = jax.vmap(lambda s, d: jax.random.fold_in(jax.random.key(s), d))(seeds, digest)
   return jax.vmap(jax.random.fold_in)(jnp.repeat(per_prompt, num_samples), index)
+
+
+def seed_array(seed, rows: int):
+  """`generate`'s seed for `rows` padded prompts: one uint32, or [rows] uint32 from a sequence of
+  per-prompt seeds (padding rows get 0; their keys are never used)."""
+  if np.ndim(seed) == 0:
+    return np.uint32(int(seed) % 2**32)
+  seeds = np.asarray(seed, np.int64).reshape(-1)
+  if len(seeds) > rows:
+    raise ValueError(f"{len(seeds)} per-prompt seeds for {rows} prompts: give one per prompt.")
+  out = np.zeros(rows, np.uint32)
+  out[: len(seeds)] = seeds % 2**32
+  return out
 
 
 def row_caps(per_row, n_prompts: int, num_samples: int, max_new_tokens: int) -> np.ndarray:

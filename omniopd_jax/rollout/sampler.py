@@ -182,7 +182,7 @@ def make_generate_fn(
       or its abstract shape) is given, parameters are pinned to their logical-axis shardings.
 
   The function takes prompt_tokens [B, P] int32 (left-padded, e.g. from `pad_prompts`),
-  prompt_mask [B, P] bool and an int seed, and returns device arrays tokens/mask/logprobs/entropy [B*K, L] plus
+  prompt_mask [B, P] bool and a seed (an int, or [B] per-prompt seeds), and returns device arrays tokens/mask/logprobs/entropy [B*K, L] plus
   `steps` (decode iterations run; the loop exits once every row has emitted an EOS). It compiles
   once per (B, P) and never again.
   """
@@ -280,7 +280,8 @@ def make_generate_fn(
       prompt_tokens, prompt_mask = prompt_tokens.astype(np.int32), prompt_mask.astype(bool)
     if caps is None:  # every row may run to max_new_tokens
       caps = np.full(prompt_tokens.shape[0] * k_samples, length, np.int32)
-    return jitted(state, prompt_tokens, prompt_mask, np.uint32(int(seed) % 2**32), caps)
+    seed = row_identity.seed_array(seed, prompt_tokens.shape[0])
+    return jitted(state, prompt_tokens, prompt_mask, seed, caps)
 
   generate_fn.jitted = jitted  # for .lower() / cost analysis
   return generate_fn
@@ -307,7 +308,7 @@ def generate(
   temperature: float = 1.0,
   top_p: float = 1.0,
   top_k: int = 0,
-  seed: int = 0,
+  seed: int | Sequence[int] = 0,
   eos_ids: Sequence[int] | None = None,
   pad_id: int = 0,
   num_samples: int = 1,
@@ -326,6 +327,8 @@ def generate(
   greedy. `num_samples=K` returns K continuations per prompt (rows b*K .. b*K+K-1), sharing one
   prefill. `max_new_tokens_per_row` caps each row (B*K values, or B, one per prompt). A row's
   samples depend only on its prompt, the seed and its sample index (see `rows.row_keys`).
+  `seed` may also be one seed per prompt: prompts with different seeds draw independent streams,
+  so one call can serve several requests exactly as separate calls would (the teacher server).
 
   engine="continuous" (default) decodes in `engine_options.num_slots` slots over a paged KV
   cache, refilling a slot as soon as its row ends (num_slots=0: one slot per row);
@@ -396,7 +399,9 @@ def _generate_continuous(
     )  # fmt: skip
   width = max(prompt_len or 0, max(len(p) for p in prompts)) if prompt_len else None
   tokens, mask = pad_prompts(prompts, pad_id=options.pad_id, prompt_len=width)
-  keys = _row_keys_jit(np.uint32(seed % 2**32), tokens, mask, options.num_samples)
+  keys = _row_keys_jit(
+    row_identity.seed_array(seed, len(tokens)), tokens, mask, options.num_samples
+  )
   all_caps = np.zeros(len(tokens) * options.num_samples, np.int32)
   all_caps[:n_rows] = caps
   out, emitted = _ENGINES[key].run(state, tokens, mask, keys, all_caps, done)
@@ -421,8 +426,9 @@ def _generate_static(graphdef, state, options, prompts, caps, seed, prompt_len, 
   multiple = 1
   if mesh is not None:
     multiple = int(np.prod([mesh.shape[a] for a in rows_axes(mesh, rules)]))
-  seed = np.uint32(seed % 2**32)
   if mesh is not None and jax.process_count() > 1:
+    if np.ndim(seed):
+      raise ValueError("per-prompt seeds are single-process: pass one seed with several processes.")
     # Multi-host: every process passes its own rows; the program sees one global batch, so the
     # padded shapes must agree across processes (pass `prompt_len`; the batch is not bucketed).
     local = multiple // jax.process_count()
@@ -444,7 +450,9 @@ def _generate_static(graphdef, state, options, prompts, caps, seed, prompt_len, 
   )  # fmt: skip
   padded_caps = np.zeros(len(tokens) * k, np.int32)
   padded_caps[: len(caps)] = caps
-  out = jax.device_get(fn(state, tokens, mask, seed, padded_caps))
+  out = jax.device_get(
+    fn(state, tokens, mask, row_identity.seed_array(seed, len(tokens)), padded_caps)
+  )
   _LAST_STATS.clear()
   _LAST_STATS.update(engine="static", slots=len(out["tokens"]), decode_steps=int(out["steps"]))
   return out

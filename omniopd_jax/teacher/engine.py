@@ -97,9 +97,9 @@ def _eos_ids(path: str | None, tokenizer, model) -> tuple[int, ...]:
 class LocalTeacher:
   """An HF checkpoint served in process: `run(jobs)` batches requests into sampler calls.
 
-  Determinism: a seeded job runs in its own generate calls (seeds derived from its seed), so its
-  samples depend only on the job, never on which other jobs shared the batch; unseeded jobs with
-  equal sampling options share calls of up to `max_batch` rows.
+  Determinism: jobs with equal sampling options share generate calls of up to `max_batch` rows,
+  each prompt drawing from its own seed (derived from its job's), so a seeded job's samples depend
+  only on the job, never on which other jobs shared the batch.
   """
 
   def __init__(
@@ -183,7 +183,13 @@ class LocalTeacher:
     return results
 
   def _sample(self, jobs, results) -> dict[int, list[tuple[np.ndarray, int]]]:
-    """Generates every job's rows: job -> [(ids, length)] in (prompt, sample) order."""
+    """Generates every job's rows: job -> [(ids, length)] in (prompt, sample) order.
+
+    Jobs with equal sampling options share calls of up to `max_batch` rows. A seeded job's
+    prompts are cut into blocks of `max_batch // n`; block c draws with seed chunk_seed(seed, c),
+    its own per-prompt stream in whatever call it lands (sampler rows depend only on prompt, seed
+    and sample index), so its samples never depend on its batch mates. An unseeded block gets a
+    fresh random seed."""
     groups: dict[tuple, list[int]] = {}
     for ji, job in enumerate(jobs):
       p = job.params
@@ -192,40 +198,34 @@ class LocalTeacher:
       # Below 1e-5 temperature is greedy (as in vLLM): dividing logits by it would overflow.
       temperature = 0.0 if p.temperature < _GREEDY_BELOW else p.temperature
       key = (generation_length(p.max_tokens), temperature, p.top_p, p.top_k, p.n, p.ignore_eos)
-      groups.setdefault(key + ((ji,) if p.seed is not None else ()), []).append(ji)
+      groups.setdefault(key, []).append(ji)
     out: dict[int, list] = {}
-    for key, jis in groups.items():
-      length, temperature, top_p, top_k, n, ignore_eos = key[:6]
-      seed = jobs[jis[0]].params.seed
-      items = [(ji, ids) for ji in jis for ids in jobs[ji].prompts]
+    for (length, temperature, top_p, top_k, n, ignore_eos), jis in groups.items():
       per_call = max(1, self.max_batch // n)  # a prompt's n samples always share one call
-      try:
-        for c, lo in enumerate(range(0, len(items), per_call)):
-          chunk = items[lo : lo + per_call]
-          call_seed = (
-            chunk_seed(seed, c) if seed is not None else int.from_bytes(os.urandom(4), "little")
-          )
+      for call in _calls(jobs, jis, per_call):
+        try:
           rollout = sampler.generate(
             self.model,
-            [ids for _, ids in chunk],
+            [ids for _, ids, _ in call],
             max_new_tokens=length,
             temperature=temperature,
             top_p=top_p,
             top_k=top_k,
-            seed=call_seed,
+            seed=[seed for _, _, seed in call],
             eos_ids=None if ignore_eos else self.eos_ids,
             pad_id=self.pad_id,
             num_samples=n,
           )
-          lengths = rollout.mask.sum(axis=1)  # [rows]; the mask is a prefix of each row
-          for r, (ji, _) in enumerate(chunk):
-            for k in range(n):
-              row = r * n + k
-              out.setdefault(ji, []).append((rollout.tokens[row], int(lengths[row])))
-      except Exception as e:  # noqa: BLE001  (reported per job; the server answers 500)
-        for ji in jis:
-          results[ji] = e
-    return out
+        except Exception as e:  # noqa: BLE001  (reported per job; the server answers 500)
+          for ji in {ji for ji, _, _ in call}:
+            results[ji] = e
+          continue
+        lengths = rollout.mask.sum(axis=1)  # [rows]; the mask is a prefix of each row
+        for r, (ji, _, _) in enumerate(call):
+          for k in range(n):
+            row = r * n + k
+            out.setdefault(ji, []).append((rollout.tokens[row], int(lengths[row])))
+    return out  # a job with a failed call has its error in `results` (run skips its rows)
 
   def _choices(self, job: Job, rows) -> list[Choice]:
     p = job.params
@@ -396,6 +396,27 @@ class LocalTeacher:
     for i, job, res in zip(where, jobs, self.run(jobs)):
       out[i] = _samples(job, res)
     return out
+
+
+def _calls(jobs, jis, per_call: int) -> list[list[tuple[int, tuple[int, ...], int]]]:
+  """Packs the jobs' prompts into sampler calls of at most `per_call` prompts: (job, prompt ids,
+  seed) each. A job's block of `per_call` prompts (one seed) never splits over calls, and no call
+  holds two blocks with the same seed (equal prompts would then count as repeats of each other)."""
+  calls, current, seeds = [], [], set()
+  for ji in jis:
+    job = jobs[ji]
+    for c, lo in enumerate(range(0, len(job.prompts), per_call)):
+      prompts = job.prompts[lo : lo + per_call]
+      if job.params.seed is not None:
+        seed = chunk_seed(job.params.seed, c)
+      else:
+        seed = int.from_bytes(os.urandom(4), "little")
+      if current and (len(current) + len(prompts) > per_call or seed in seeds):
+        calls.append(current)
+        current, seeds = [], set()
+      current += [(ji, ids, seed) for ids in prompts]
+      seeds.add(seed)
+  return calls + [current] if current else calls
 
 
 def first_stop(text: str, stops: Sequence[str]) -> tuple[int, str] | None:
