@@ -3,7 +3,7 @@
   python -m omniopd_jax.main --config=configs/math.py --workdir=/tmp/opd \
       --config.model.student_path=/ckpt/qwen3-1.7b --config.teacher.base_url=http://127.0.0.1:8000/v1
   python -m omniopd_jax.main --config=configs/math.py:smoke --workdir=/tmp/smoke   # CPU, seconds
-  python -m omniopd_jax.main --config=configs/math.py:demo --workdir=/tmp/demo     # CPU, ~12 min
+  python -m omniopd_jax.main --config=configs/math.py:demo --workdir=/tmp/demo     # CPU, ~8 min
   python -m omniopd_jax.main --config=configs/math.py:anthropic ...   # Claude Haiku 4.5 teacher
   python -m omniopd_jax.main --config=configs/math.py:gemini ...      # Gemini 2.5 Flash teacher
   python -m omniopd_jax.main --config=configs/math.py:pod ...         # TPU pod / multi-node GPU
@@ -275,7 +275,7 @@ def _demo(c):
   """The README's first command: a real end-to-end run on the 2-core CPU in under 15 minutes."""
   _smoke(c)
   c.model.build_demo_models = "trained"
-  # ~1.5 s a step on 2 quiet cores (the teacher ~1.1 s): ~12 min with set-up and evals. Also
+  # ~0.95 s a step on 2 quiet cores (the teacher ~0.4 s): ~8 min with set-up and evals. Also
   # compare's default budget (demo.headroom_steps checks SFT's gain in half of it).
   c.num_steps = 400
   c.batch_size = 32
