@@ -125,6 +125,8 @@ def test_per_prompt_seeds_serve_several_calls_in_one(model, engine):
   assert (a.tokens[0] != b.tokens[0]).any() and (a.tokens[0] != a.tokens[2]).any()
   with pytest.raises(ValueError, match="one per prompt"):
     sampler.generate(model, PROMPTS[:2], seed=[1, 2, 3], **kw)
+  with pytest.raises(ValueError, match="one per prompt"):  # too few: never a silent seed 0
+    sampler.generate(model, PROMPTS[:3], seed=[1, 2], **kw)
 
 
 def test_samples_share_prompt_pages_and_a_tight_pool_still_finishes(model):

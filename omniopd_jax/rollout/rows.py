@@ -47,14 +47,22 @@ def row_keys(seed, prompt_tokens, prompt_mask, num_samples: int):
   return jax.vmap(jax.random.fold_in)(jnp.repeat(per_prompt, num_samples), index)
 
 
+def check_seeds(seed, n_prompts: int) -> None:
+  """A per-prompt seed sequence must give exactly one seed per prompt."""
+  if np.ndim(seed) and np.size(seed) != n_prompts:
+    raise ValueError(
+      f"{np.size(seed)} per-prompt seeds for {n_prompts} prompts: give one per prompt."
+    )
+
+
 def seed_array(seed, rows: int):
   """`generate`'s seed for `rows` padded prompts: one uint32, or [rows] uint32 from a sequence of
-  per-prompt seeds (padding rows get 0; their keys are never used)."""
+  per-prompt seeds (`check_seeds` first; padding rows get 0, their keys are never used)."""
   if np.ndim(seed) == 0:
     return np.uint32(int(seed) % 2**32)
   seeds = np.asarray(seed, np.int64).reshape(-1)
   if len(seeds) > rows:
-    raise ValueError(f"{len(seeds)} per-prompt seeds for {rows} prompts: give one per prompt.")
+    raise ValueError(f"{len(seeds)} per-prompt seeds for {rows} padded prompts.")
   out = np.zeros(rows, np.uint32)
   out[: len(seeds)] = seeds % 2**32
   return out

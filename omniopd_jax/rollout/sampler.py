@@ -182,7 +182,8 @@ def make_generate_fn(
       or its abstract shape) is given, parameters are pinned to their logical-axis shardings.
 
   The function takes prompt_tokens [B, P] int32 (left-padded, e.g. from `pad_prompts`),
-  prompt_mask [B, P] bool and a seed (an int, or [B] per-prompt seeds), and returns device arrays tokens/mask/logprobs/entropy [B*K, L] plus
+  prompt_mask [B, P] bool and a seed (an int, or [B] per-prompt seeds), and returns device
+  arrays tokens/mask/logprobs/entropy [B*K, L] plus
   `steps` (decode iterations run; the loop exits once every row has emitted an EOS). It compiles
   once per (B, P) and never again.
   """
@@ -348,6 +349,7 @@ def generate(
     eos_ids=tuple(eos_ids or ()), pad_id=pad_id, num_samples=num_samples,
   )  # fmt: skip
   caps = row_identity.row_caps(max_new_tokens_per_row, len(prompts), num_samples, max_new_tokens)
+  row_identity.check_seeds(seed, len(prompts))
   graphdef, state = nnx.split(model)
   if mesh is not None:
     state, rules = decode_sharding.decode_layout_state(state, mesh, rules, decode_layout)
