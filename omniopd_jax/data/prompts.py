@@ -47,6 +47,11 @@ def default_config() -> ml_collections.ConfigDict:
   )
   c.size = 10_000  # distinct procedural training problems (one epoch)
   c.seed = 0  # generator seed of the training problems; held-out ones use seed + size onwards
+  c.eval_seed = -1  # first generator seed of the held-out problems (-1: seed + size)
+  # ... which also skip the eval_exclude_size problems from generator seed eval_exclude_seed
+  # (problems an earlier stage trained on, e.g. the demo pair's SFT; 0: none)
+  c.eval_exclude_seed = 0
+  c.eval_exclude_size = 0
   # local files (jsonl / parquet)
   c.train_path = ""  # JSONL or Parquet file of training problems
   c.eval_path = ""  # held-out file; "" holds out the last eval_size rows of train_path

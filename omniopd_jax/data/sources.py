@@ -118,11 +118,15 @@ def _reasoning_gym_train(cfg):
 def _reasoning_gym_eval(cfg) -> list[Example]:
   """eval_size problems from unused generator seeds that are not among the training problems."""
   train_questions = {item["question"] for item in _reasoning_gym_dataset(cfg, cfg.size, cfg.seed)}
+  if cfg.eval_exclude_size:  # problems another stage trained on (the demo pair's SFT problems)
+    excluded = _reasoning_gym_dataset(cfg, cfg.eval_exclude_size, cfg.eval_exclude_seed)
+    train_questions.update(item["question"] for item in excluded)
   want = cfg.eval_size or 1000
   convert = _rg_example(cfg)
   # Problem i of a reasoning-gym dataset comes from Random(seed + i): seed + size starts the
-  # first generator stream that the training problems did not use.
-  seed = cfg.seed + cfg.size
+  # first generator stream that the training problems did not use. `eval_seed` moves the held-out
+  # stream elsewhere (problems equal to a training one are skipped either way).
+  seed = cfg.eval_seed if cfg.eval_seed >= 0 else cfg.seed + cfg.size
   dataset = _reasoning_gym_dataset(cfg, max(4 * want, 64), seed)
   name = f"reasoning-gym {cfg.tasks} (held out, seed {seed})"
   checked = _checked(cfg, dataset, convert, lambda i: f"{name} row {i}", name)
@@ -135,6 +139,7 @@ def _reasoning_gym_eval(cfg) -> list[Example]:
         return out
   raise ValueError(
     f"only {len(out)} held-out reasoning-gym problems differ from the {cfg.size} training ones "
+    f"(and the data.eval_exclude_size={cfg.eval_exclude_size} excluded ones) "
     f"(wanted eval_size={want}): make the tasks harder or lower data.size / data.eval_size"
   )
 

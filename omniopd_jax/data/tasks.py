@@ -230,12 +230,14 @@ def make_char_tokenizer():
 
 
 def sft_examples(
-  data_cfg, tokenizer, n: int, seed: int, style: str = "student", cuts_per_problem: int = 4
+  data_cfg, tokenizer, n: int, seed: int, style: str = "student", cuts_per_problem: int = 4,
+  held_out: set[str] | None = None,
 ) -> list[tuple[list[int], list[int]]]:
   """n (prompt ids, response ids) pairs: reasoning-gym problems of `data_cfg` (generator `seed`)
   rendered as data.py renders prompts, answered by their worked solution followed by EOS.
 
-  Problems in data_cfg's held-out eval split are skipped, so evaluation stays held out. `style`
+  Problems in `held_out` (questions; default data_cfg's held-out eval split) are skipped, so
+  evaluation stays held out. `style`
   "shifted": `cuts_per_problem` pairs a problem, each a `style_shift_pair` whose prefix joins the
   prompt (so only the continuation in the shifted style is trained on).
   """
@@ -243,7 +245,8 @@ def sft_examples(
     raise ValueError(f"style {style!r}: choose from {sorted(STYLES)}")
   if tokenizer.eos_token_id is None:
     raise ValueError("the tokenizer has no eos_token: responses must end in one")
-  held_out = {example["question"] for example in data.load_examples(data_cfg, "eval")}
+  if held_out is None:
+    held_out = {example["question"] for example in data.load_examples(data_cfg, "eval")}
   cfg = data_cfg.copy_and_resolve_references()
   cfg.seed = seed
   cfg.size = 2 * n

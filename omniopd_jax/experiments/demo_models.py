@@ -164,10 +164,36 @@ def greedy_accuracy(
   return float(res["eval/pass@1"])
 
 
+def held_out_questions(data_cfg) -> set[str]:
+  """Every held-out problem a model built here is measured on: `data_cfg`'s eval split and, on
+  its task, the demo's and the comparison's (configs/math.py DEMO_EVAL, COMPARE_EVAL). The pair's
+  SFT and validation problems avoid all of them."""
+  from omniopd_jax.configs import math as math_config
+
+  questions = set()
+  for split in ({}, math_config.DEMO_EVAL, math_config.COMPARE_EVAL):
+    cfg = data_cfg.copy_and_resolve_references()
+    cfg.update(**split)
+    questions.update(example["question"] for example in data.load_examples(cfg, "eval"))
+  return questions
+
+
+def build_eval(config) -> tuple:
+  """(data config, problems) of the build's own evaluations (teacher accuracy, headroom check,
+  style figures): the first config.eval.num_examples of the comparison's held-out split, at most
+  its size, so the records (the shipped ones too) read the same whatever split the run evaluates."""
+  from omniopd_jax.configs import math as math_config
+
+  cfg = config.data.copy_and_resolve_references()
+  cfg.update(**math_config.COMPARE_EVAL)
+  cfg.eval_size = min(cfg.eval_size, config.data.eval_size or cfg.eval_size)
+  return cfg, min(config.eval.num_examples or cfg.eval_size, cfg.eval_size)
+
+
 def validation_examples(data_cfg, n: int, seed: int) -> list[dict]:
-  """n problems of `data_cfg`'s task from generator `seed`, none in the held-out eval split: the
-  student's stopping rule reads these, so the held-out accuracy the demo reports stays unseen."""
-  held_out = {example["question"] for example in data.load_examples(data_cfg, "eval")}
+  """n problems of `data_cfg`'s task from generator `seed`, none held out (`held_out_questions`):
+  the student's stopping rule reads these, so the held-out accuracy the demo reports stays unseen."""
+  held_out = held_out_questions(data_cfg)
   cfg = data_cfg.copy_and_resolve_references()
   cfg.seed, cfg.size = seed, 2 * n
   kept = [ex for ex in data.load_examples(cfg, "train") if ex["question"] not in held_out]
@@ -187,10 +213,9 @@ def _train_teacher(config, tokenizer, pairs, *, seed, log):
   t0 = time.time()
   sft_train(model, tokenizer, pairs, steps=d.teacher_steps, batch_size=d.sft_batch_size,
             learning_rate=d.teacher_lr, seed=seed, log=log)  # fmt: skip
-  acc = greedy_accuracy(
-    model, tokenizer, config.data, config.eval.num_examples, config.rollout.max_new_tokens
-  )
-  log(f"demo: teacher held-out greedy accuracy {acc:.3f} on {config.eval.num_examples} problems "
+  data_cfg, n = build_eval(config)
+  acc = greedy_accuracy(model, tokenizer, data_cfg, n, config.rollout.max_new_tokens)
+  log(f"demo: teacher held-out greedy accuracy {acc:.3f} on {n} problems "
       f"({time.time() - t0:.0f}s)")  # fmt: skip
   return model
 
@@ -200,7 +225,8 @@ def style_figures(model, tokenizer, config, style: str) -> dict:
   (the grader's), the share of greedy solutions that are exactly the gold one in `style` (its own
   format), and the mean log-probability per token it gives each style's gold solution (+ EOS),
   with the share of tokens it gives under 10%: the student's tokens are what OPD's teacher scores."""
-  examples = data.load_examples(config.data, "eval")[: config.eval.num_examples]
+  data_cfg, n = build_eval(config)
+  examples = data.load_examples(data_cfg, "eval")[:n]
   out_path = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"style_eval_{os.getpid()}.json")
   res = evaluate.evaluate(
     evaluate.sampler_generate_fn(model, tokenizer), tokenizer, examples,
@@ -294,13 +320,14 @@ def select_student(config, tokenizer, pairs, *, seed, log):
 
 def headroom(model, config, tokenizer, pairs, *, seed, log) -> dict:
   """Held-out accuracy of the base and of a copy after `headroom_steps` more SFT steps."""
-  d, n, max_new = config.demo, config.eval.num_examples, config.rollout.max_new_tokens
-  before = greedy_accuracy(model, tokenizer, config.data, n, max_new)
+  d, max_new = config.demo, config.rollout.max_new_tokens
+  data_cfg, n = build_eval(config)
+  before = greedy_accuracy(model, tokenizer, data_cfg, n, max_new)
   trained = nnx.clone(model)
   sft_train(trained, tokenizer, pairs, steps=d.headroom_steps, batch_size=config.batch_size,
             learning_rate=d.headroom_lr, seed=seed + 1, log=lambda m: None,
             min_lr_ratio=1.0)  # fmt: skip
-  after = greedy_accuracy(trained, tokenizer, config.data, n, max_new)
+  after = greedy_accuracy(trained, tokenizer, data_cfg, n, max_new)
   ok = after - before >= d.headroom_min_gain
   log(f"demo: student base held-out {before:.3f}; headroom check: {d.headroom_steps} more SFT "
       f"steps x {config.batch_size} at lr {d.headroom_lr:g} -> {after:.3f} "
@@ -413,7 +440,8 @@ def style_shift_teacher(out: str, config, init: str, *, steps=0, examples=0, log
 def _pairs(config, tokenizer, log, style="student"):
   t0 = time.time()
   pairs = tasks.sft_examples(
-    config.data, tokenizer, config.demo.teacher_examples, seed=config.seed + 101, style=style
+    config.data, tokenizer, config.demo.teacher_examples, seed=config.seed + 101, style=style,
+    held_out=held_out_questions(config.data),
   )
   log(f"demo: {len(pairs)} worked solutions, {style} style ({time.time() - t0:.1f}s)")
   return pairs
