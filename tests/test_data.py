@@ -6,7 +6,7 @@ import json
 import pytest
 
 from omniopd_jax.data import prompts as data
-from omniopd_jax.data import tasks
+from omniopd_jax.data import sources, tasks
 
 
 @pytest.fixture(autouse=True)
@@ -65,6 +65,24 @@ def test_reasoning_gym_examples_and_held_out_split():
     json.dumps(example)  # metadata is JSON-serialisable (reasoning-gym puts tuples there)
   assert not {e["question"] for e in train} & {e["question"] for e in held_out}
   assert data.load_examples(cfg, "train") == train  # deterministic
+
+
+def test_held_out_stream_can_start_elsewhere_and_skip_other_problems():
+  questions = lambda examples: {e["question"] for e in examples}  # noqa: E731
+  default = data.load_examples(_rg_config(), "eval")
+  moved = data.load_examples(_rg_config(eval_seed=5000), "eval")
+  assert len(moved) == 10 and moved != default
+  assert not questions(moved) & questions(data.load_examples(_rg_config(), "train"))
+  # eval_exclude_*: the problems of generator seeds 5000-5019, which the moved split starts with
+  skipped = {item["question"] for item in sources._reasoning_gym_dataset(_rg_config(), 20, 5000)}
+  assert questions(moved) <= skipped
+  cfg = _rg_config(eval_seed=5000, eval_exclude_seed=5000, eval_exclude_size=20)
+  kept = data.load_examples(cfg, "eval")
+  assert len(kept) == 10 and not questions(kept) & skipped
+  one_digit_pairs = {"chain_sum": dict(min_terms=2, max_terms=2, min_digits=1, max_digits=1)}
+  cfg.update(eval_size=300, task_kwargs=one_digit_pairs)  # more than there are such problems
+  with pytest.raises(ValueError, match="eval_exclude_size=20"):
+    data.load_examples(cfg, "eval")
 
 
 def test_reasoning_gym_composite():

@@ -82,6 +82,30 @@ def test_validation_problems_stay_out_of_the_held_out_split():
   assert len(valid) == 32 and not held_out & {ex["question"] for ex in valid}
 
 
+def test_demo_split_is_held_out_from_every_training_stage():
+  """The demo's (and compare's) 2048 held-out problems: no RL training problem, no problem the
+  pair's SFT could draw (every candidate, not only those it kept: short sums recur across seeds),
+  none of the first 256-problem split, which the pair's SFT skips and its build records read."""
+  config = math_config.get_config("demo")
+  questions = lambda cfg, split: {e["question"] for e in data.load_examples(cfg, split)}  # noqa: E731
+  demo = questions(config.data, "eval")
+  first_cfg = config.data.copy_and_resolve_references()
+  first_cfg.update(**math_config.FIRST_EVAL)
+  first = questions(first_cfg, "eval")
+  assert len(demo) == 2048 and len(first) == 256
+  # demo_models._pairs: sft_examples draws 2 * teacher_examples candidates from seed + 101
+  sft_cfg = config.data.copy_and_resolve_references()
+  sft_cfg.update(seed=config.seed + 101, size=2 * config.demo.teacher_examples)
+  assert (config.data.eval_exclude_seed, config.data.eval_exclude_size) == (
+    sft_cfg.seed, sft_cfg.size)  # fmt: skip
+  sft = questions(sft_cfg, "train")
+  assert not demo & (questions(config.data, "train") | sft | first)
+  assert first & sft  # candidates, skipped by the SFT as held out (demo_models._pairs)
+  assert demo_models.held_out_questions(config.data) == demo | first
+  build_cfg, n = demo_models.build_eval(config)
+  assert n == 256 and {e["question"] for e in data.load_examples(build_cfg, "eval")} == first
+
+
 def test_missing_source_is_a_clear_error(tmp_path):
   config = demo_config(teacher_path=str(tmp_path / "nowhere"))
   with pytest.raises(FileNotFoundError, match="not an HF model directory"):

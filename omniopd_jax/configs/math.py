@@ -20,14 +20,15 @@ from omniopd_jax.eval import evaluate
 
 VARIANTS = ("default", "smoke", "demo", "anthropic", "gemini", "pod")
 
-# Held-out splits of the demo's task (config.data fields). The demo's: 2048 problems from generator
-# seed 100,000 on, none equal to an RL training problem (seeds 0-1999) or to any problem the demo
-# pair's SFT could draw (demo_models: seeds 101-16,100; short sums repeat across seeds). The
-# comparison's (`experiments.compare`, docs/compare_results.md): the 256 problems right after the
-# training ones, where the first demo runs were measured too (the pair's SFT skipped them).
+# Held-out splits of the demo's task (config.data fields). DEMO_EVAL, the demo's and the
+# comparison's: 2048 problems from generator seed 100,000 on, none equal to an RL training problem
+# (seeds 0-1999) or to any problem the demo pair's SFT could draw (demo_models: seeds 101-16,100;
+# short sums recur across seeds). FIRST_EVAL: the 256 problems right after the training ones, the
+# split of the first demo and comparison runs (docs/compare_results_256.md); the pair's SFT skipped
+# them, and the pair's build records (demo_models.build_eval) are measured there.
 DEMO_EVAL = dict(eval_seed=100_000, eval_size=2048, eval_exclude_seed=101,
                  eval_exclude_size=16_000)  # fmt: skip
-COMPARE_EVAL = dict(eval_seed=-1, eval_size=256, eval_exclude_seed=0, eval_exclude_size=0)
+FIRST_EVAL = dict(eval_seed=-1, eval_size=256, eval_exclude_seed=0, eval_exclude_size=0)
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:

@@ -230,7 +230,12 @@ def make_char_tokenizer():
 
 
 def sft_examples(
-  data_cfg, tokenizer, n: int, seed: int, style: str = "student", cuts_per_problem: int = 4,
+  data_cfg,
+  tokenizer,
+  n: int,
+  seed: int,
+  style: str = "student",
+  cuts_per_problem: int = 4,
   held_out: set[str] | None = None,
 ) -> list[tuple[list[int], list[int]]]:
   """n (prompt ids, response ids) pairs: reasoning-gym problems of `data_cfg` (generator `seed`)

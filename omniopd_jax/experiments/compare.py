@@ -103,9 +103,6 @@ def base_config(quick: bool):
 
   config = math_config.get_config("demo")
   config.unlock()
-  # The comparison's own held-out split (its table was measured there), not the demo's 2048.
-  config.data.update(**math_config.COMPARE_EVAL)
-  config.eval.num_examples = math_config.COMPARE_EVAL["eval_size"]
   if quick:
     config.batch_size = 8
     config.rollout.max_new_tokens = 32

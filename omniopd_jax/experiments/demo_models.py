@@ -166,12 +166,12 @@ def greedy_accuracy(
 
 def held_out_questions(data_cfg) -> set[str]:
   """Every held-out problem a model built here is measured on: `data_cfg`'s eval split and, on
-  its task, the demo's and the comparison's (configs/math.py DEMO_EVAL, COMPARE_EVAL). The pair's
-  SFT and validation problems avoid all of them."""
+  its task, configs/math.py's DEMO_EVAL and FIRST_EVAL splits. The pair's SFT and validation
+  problems avoid all of them."""
   from omniopd_jax.configs import math as math_config
 
   questions = set()
-  for split in ({}, math_config.DEMO_EVAL, math_config.COMPARE_EVAL):
+  for split in ({}, math_config.DEMO_EVAL, math_config.FIRST_EVAL):
     cfg = data_cfg.copy_and_resolve_references()
     cfg.update(**split)
     questions.update(example["question"] for example in data.load_examples(cfg, "eval"))
@@ -180,12 +180,12 @@ def held_out_questions(data_cfg) -> set[str]:
 
 def build_eval(config) -> tuple:
   """(data config, problems) of the build's own evaluations (teacher accuracy, headroom check,
-  style figures): the first config.eval.num_examples of the comparison's held-out split, at most
-  its size, so the records (the shipped ones too) read the same whatever split the run evaluates."""
+  style figures): the first config.eval.num_examples of configs/math.py's FIRST_EVAL split, at
+  most its 256, so the records (the shipped ones too) read the same whatever split a run uses."""
   from omniopd_jax.configs import math as math_config
 
   cfg = config.data.copy_and_resolve_references()
-  cfg.update(**math_config.COMPARE_EVAL)
+  cfg.update(**math_config.FIRST_EVAL)
   cfg.eval_size = min(cfg.eval_size, config.data.eval_size or cfg.eval_size)
   return cfg, min(config.eval.num_examples or cfg.eval_size, cfg.eval_size)
 
@@ -441,8 +441,8 @@ def _pairs(config, tokenizer, log, style="student"):
   t0 = time.time()
   pairs = tasks.sft_examples(
     config.data, tokenizer, config.demo.teacher_examples, seed=config.seed + 101, style=style,
-    held_out=held_out_questions(config.data),
-  )
+    held_out=held_out_questions(config.data)
+  )  # fmt: skip
   log(f"demo: {len(pairs)} worked solutions, {style} style ({time.time() - t0:.1f}s)")
   return pairs
 
