@@ -73,6 +73,10 @@ class CheckedRows(Sequence):
   def __getitem__(self, i):
     if isinstance(i, slice):
       return [self[j] for j in range(*i.indices(len(self)))]
+    n = len(self)
+    if not -n <= i < n:  # iteration stops here: some sources (reasoning-gym) never raise it
+      raise IndexError(f"row {i} of {n}")
+    i %= n
     return self._rows[i if self._keep is None else self._keep[i]]
 
 
