@@ -242,9 +242,9 @@ def sft_examples(
   rendered as data.py renders prompts, answered by their worked solution followed by EOS.
 
   Problems in `held_out` (questions; default data_cfg's held-out eval split) are skipped, so
-  evaluation stays held out. `style`
-  "shifted": `cuts_per_problem` pairs a problem, each a `style_shift_pair` whose prefix joins the
-  prompt (so only the continuation in the shifted style is trained on).
+  evaluation stays held out. `style` "shifted": `cuts_per_problem` pairs a problem, each a
+  `style_shift_pair` whose prefix joins the prompt (so only the continuation in the shifted style
+  is trained on).
   """
   if style not in STYLES:
     raise ValueError(f"style {style!r}: choose from {sorted(STYLES)}")
